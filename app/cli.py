@@ -1,0 +1,138 @@
+"""python -m app [train|check|preview] -- the job's entry point.
+
+    python -m app train                    # default: settings from FT_* (and FT_CONFIG_FILE)
+    python -m app check                    # settings, data, GPU preflight; loads no weights
+    python -m app preview -n 3 --json p.json   # the first rows as the trainer sees them
+
+Exit codes: 0 completed · 2 invalid settings or data · 3 not enough GPU · 4 training failed ·
+75 interrupted after a checkpoint (run again to resume) · 1 unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from app.errors import EXIT_OK, EXIT_UNEXPECTED, Interrupted, JobError
+
+log = logging.getLogger("app")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S",
+        force=True,
+    )
+    # Library chatter: keep warnings, drop progress bars and info lines when stderr is a log file.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "datasets", "trl", "peft", "accelerate", "httpx", "huggingface_hub", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="LoRA/QLoRA fine-tuning job.")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("train", help="train (the default)")
+    sub.add_parser("check", help="validate settings and data, run the GPU preflight; loads no weights")
+    preview = sub.add_parser("preview", help="show the first training rows with the trained tokens marked")
+    preview.add_argument("-n", type=int, default=3, help="rows to show (default 3)")
+    preview.add_argument("--json", type=Path, help="write [{input_ids, labels}] to this file")
+    return parser
+
+
+def _termination_log(message: str) -> None:
+    """Kubernetes shows /dev/termination-log as the container's termination message."""
+    path = Path("/dev/termination-log")
+    if path.exists():
+        try:
+            path.write_text(message[:4000])
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "train"
+    configure_logging()
+    from app.pipeline import Run
+    from app.settings import load_settings
+    from app.signals import StopRequest
+
+    run = Run()
+    stop = StopRequest()
+    if command == "train":
+        stop.install()
+        stop.on_second_signal = lambda name: run.write(run.result("interrupted", Interrupted(f"{name} twice: exited without a checkpoint")))
+    try:
+        run.settings, run.ignored = load_settings()
+        if run.ignored:
+            log.warning("OpenWeights fields not implemented here, ignored: %s", ", ".join(run.ignored))
+        if command == "check":
+            return _check(run)
+        if command == "preview":
+            return _preview(run, args.n, args.json)
+        return _train(run, stop)
+    except JobError as err:
+        from app.result import redact
+
+        log.error("%s", redact(err.message))
+        if command == "train":
+            status = "interrupted" if isinstance(err, Interrupted) else "failed"
+            path = run.write(run.result(status, err))
+            if path:
+                log.error("result.json (status: %s, exit %d): %s", status, err.exit_code, path)
+            _termination_log(f"{status} (exit {err.exit_code}): {redact(err.message)}")
+        return err.exit_code
+    except Exception as err:  # a bug: keep the traceback, still leave a result behind
+        log.exception("unexpected error")
+        if command == "train":
+            error = {"type": type(err).__name__, "message": str(err), "exit_code": EXIT_UNEXPECTED}
+            run.write(run.result("failed", error))
+            _termination_log(f"failed (exit 1): {type(err).__name__}: {err}")
+        return EXIT_UNEXPECTED
+
+
+def _train(run, stop) -> int:
+    from app.pipeline import train
+
+    result = train(run, stop)
+    where = run.job.result if run.job else run.settings.output_dir / "result.json"
+    outputs = result.get("outputs", {})
+    log.info("done: %s  train_loss %s  eval_loss %s", result["id"], outputs.get("train_loss"), outputs.get("eval_loss"))
+    log.info("model: %s", result["params"]["validated_params"].get("finetuned_model_id"))
+    log.info("result.json: %s", where)
+    _termination_log(f"completed: {result['id']} -> {outputs.get('model_path')}")
+    return EXIT_OK
+
+
+def _check(run) -> int:
+    from app.pipeline import check
+
+    summary = check(run)
+    print(json.dumps(summary, indent=2, default=str))
+    return EXIT_OK
+
+
+def _preview(run, count: int, json_path: Path | None) -> int:
+    from app.formatting import render_preview
+    from app.pipeline import preview
+
+    rows, tokenizer = preview(run, count)
+    mark = ("\x1b[42m", "\x1b[0m") if sys.stdout.isatty() else ("[[", "]]")
+    for index, row in enumerate(rows):
+        trained = sum(label != -100 for label in row["labels"])
+        print(f"--- row {index}: {len(row['input_ids'])} tokens, {trained} trained (marked {mark[0]}like this{mark[1]}) ---")
+        print(render_preview(tokenizer, row, mark))
+    if json_path:
+        json_path.write_text(json.dumps(rows))
+        log.info("wrote %d rows to %s", len(rows), json_path)
+    return EXIT_OK

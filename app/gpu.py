@@ -1,0 +1,331 @@
+"""The GPU preflight: which device the job will use, what it has free, and whether the run fits.
+
+The device is found through NVML (nvidia-ml-py) without initialising CUDA: the first entry of
+CUDA_VISIBLE_DEVICES, as an index (CUDA_DEVICE_ORDER=PCI_BUS_ID makes CUDA's order NVML's), a GPU UUID or a
+MIG UUID. The peak-memory estimate is computed from the model's config.json alone, before any weight is
+loaded, so a run that cannot fit is refused in seconds (exit 3) with settings that would fit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from app.errors import GpuError
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+HEADROOM = 0.92  # use at most this share of the free memory: fragmentation, cuBLAS workspaces, the CUDA context
+
+
+@dataclass
+class GpuInfo:
+    name: str
+    uuid: str
+    index: int | None
+    memory_total_gb: float
+    memory_free_gb: float
+    compute_capability: str
+    bf16: bool
+    mig: bool = False
+    estimated_peak_gb: float | None = None
+
+
+@dataclass
+class Hardware:
+    """What the run will execute on, decided once before loading weights."""
+
+    cuda: bool
+    gpu: GpuInfo | None = None
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    num_gpus: int = 0
+
+    @property
+    def dtype(self):
+        import torch
+
+        if not self.cuda:
+            return torch.float32  # CPU: bf16 matmuls are slow or missing on most CPUs
+        return torch.bfloat16 if self.bf16 else torch.float16
+
+    @property
+    def save_dtype(self):
+        import torch
+
+        return torch.bfloat16 if (self.bf16 or not self.cuda) else torch.float16
+
+    def as_dict(self) -> dict[str, Any] | None:
+        return asdict(self.gpu) if self.gpu else None
+
+
+def _nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # no driver, no library: no NVIDIA GPU here
+        return None
+
+
+def visible_devices() -> list[str] | None:
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [item.strip() for item in value.split(",") if item.strip() and item.strip() != "-1"]
+
+
+def _as_text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def device_handles(nvml) -> list[tuple[Any, int | None]]:
+    """NVML handles of the GPUs this process may use, in CUDA's order (PCI bus order)."""
+    visible = visible_devices()
+    if visible is None:
+        return [(nvml.nvmlDeviceGetHandleByIndex(i), i) for i in range(nvml.nvmlDeviceGetCount())]
+    handles = []
+    for item in visible:
+        if item.isdigit():
+            handles.append((nvml.nvmlDeviceGetHandleByIndex(int(item)), int(item)))
+        else:
+            uuid = item if item.startswith(("GPU-", "MIG-")) else f"GPU-{item}"
+            handles.append((nvml.nvmlDeviceGetHandleByUUID(uuid.encode()), None))
+    return handles
+
+
+def gpu_info(nvml, handle, index) -> GpuInfo:
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    try:
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    except Exception:  # a MIG device handle: ask its parent
+        parent = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(parent)
+    uuid = _as_text(nvml.nvmlDeviceGetUUID(handle))
+    return GpuInfo(
+        name=_as_text(nvml.nvmlDeviceGetName(handle)),
+        uuid=uuid,
+        index=index,
+        memory_total_gb=round(memory.total / GIB, 2),
+        memory_free_gb=round(memory.free / GIB, 2),
+        compute_capability=f"{major}.{minor}",
+        bf16=major >= 8,
+        mig=uuid.startswith("MIG-"),
+    )
+
+
+def detect_hardware(num_gpus: int | None = None) -> Hardware:
+    """The GPU(s) the job will use, read through NVML; a CPU-only Hardware when there is none."""
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's device order = NVML's
+    nvml = _nvml()
+    handles = []
+    if nvml is not None:
+        try:
+            handles = device_handles(nvml)
+        except Exception as err:
+            raise GpuError(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} names no GPU that "
+                           f"NVML knows ({err}); list the GPUs with nvidia-smi -L.") from None
+    if not handles:
+        return Hardware(cuda=False)
+    if num_gpus is not None and num_gpus > len(handles):
+        raise GpuError(f"FT_NUM_GPUS={num_gpus} but only {len(handles)} GPU(s) are visible.")
+    gpus = [gpu_info(nvml, handle, index) for handle, index in handles[: num_gpus or len(handles)]]
+    # The device with the least free memory bounds a data-parallel run.
+    tightest = min(gpus, key=lambda g: g.memory_free_gb)
+    return Hardware(cuda=True, gpu=tightest, bf16=all(g.bf16 for g in gpus), gradient_checkpointing=True,
+                    num_gpus=len(gpus))
+
+
+# --- the memory estimate -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Shape:
+        config = config.get("text_config", config)
+        hidden = config["hidden_size"]
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden=hidden,
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            intermediate=config.get("intermediate_size") or 4 * hidden,
+            vocab=config["vocab_size"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection of one decoder layer."""
+        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.projections().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params + self.layers * 2 * self.hidden
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the estimate depends on besides the shape."""
+
+    micro_batch: int
+    seq_len: int
+    load_in_4bit: bool
+    r: int
+    target_modules: tuple[str, ...]
+    optimizer_8bit: bool
+    gradient_checkpointing: bool = True
+    backend: str = "unsloth"
+
+
+@dataclass
+class Estimate:
+    weights_gb: float
+    lora_gb: float
+    activations_gb: float
+    logits_gb: float
+    overhead_gb: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_gb(self) -> float:
+        return self.weights_gb + self.lora_gb + self.activations_gb + self.logits_gb + self.overhead_gb
+
+
+def estimate_peak(shape: Shape, plan: Plan) -> Estimate:
+    """Peak training memory (torch.cuda.max_memory_allocated) in GiB, from the shape alone.
+
+    weights      16-bit: 2 bytes/param; NF4: 0.5 byte + double-quantised absmax (~0.127 bit) per linear
+                 weight, embeddings and LM head kept in 16 bits
+    LoRA         r x (in + out) per adapted projection, fp32: weight 4 + grad 4 + Adam 8 (8-bit Adam: 2)
+    activations  checkpointed: each layer's input (b x s x h x 2 bytes) + one layer recomputed in full;
+                 not checkpointed: every layer's saved tensors
+    logits       the LM head's output over the vocabulary; a fused/chunked cross-entropy keeps only chunks
+    """
+    b, s = plan.micro_batch, plan.seq_len
+    tokens = b * s
+    h, i = shape.hidden, shape.intermediate
+    kv = shape.kv_heads * shape.head_dim
+    if plan.load_in_4bit:
+        weights = shape.linear_params * (0.5 + 0.127 / 8) + shape.embedding_params * 2
+    else:
+        weights = shape.params * 2
+    lora_params = shape.layers * sum(
+        plan.r * (a + o) for name, (a, o) in shape.projections().items() if name in plan.target_modules
+    )
+    lora = lora_params * (4 + 4 + (2 if plan.optimizer_8bit else 8))
+    # Saved tensors of one decoder layer, bytes per token (16-bit): norms, q/k/v/o, attention output and
+    # softmax statistics, gate/up/act/down inputs, plus the LoRA inputs of each adapted projection.
+    per_layer = 2 * (4 * h + 2 * h + 2 * kv + 4 * i) + (4 * i if plan.load_in_4bit else 0)
+    if plan.gradient_checkpointing:
+        activations = tokens * (shape.layers * 2 * h + per_layer)
+    else:
+        activations = tokens * shape.layers * per_layer
+    # Logits: unsloth's fused CE and TRL's chunked NLL never hold b x s x V floats at once.
+    if plan.backend == "hf-unfused":
+        logits = tokens * shape.vocab * (2 + 4 + 4)
+    else:
+        logits = min(tokens, 8192) * shape.vocab * 4  # a few chunks of fp32 logits and their gradients
+    overhead = 0.35 * GIB + 0.02 * weights  # cuBLAS/attention workspaces and allocator rounding
+    return Estimate(
+        weights_gb=weights / GIB, lora_gb=lora / GIB, activations_gb=activations / GIB, logits_gb=logits / GIB,
+        overhead_gb=overhead / GIB,
+    )
+
+
+def read_shape(model_path: Path) -> Shape | None:
+    config = Path(model_path) / "config.json"
+    try:
+        return Shape.from_config(json.loads(config.read_text()))
+    except (FileNotFoundError, KeyError, json.JSONDecodeError) as err:
+        log.warning("no memory estimate: cannot read %s (%s)", config, err)
+        return None
+
+
+def what_fits(shape: Shape, plan: Plan, free_gb: float) -> list[str]:
+    """Changes that would fit: 4-bit, a smaller micro-batch, a shorter sequence (each alone)."""
+    budget = free_gb * HEADROOM
+    options = []
+    if not plan.load_in_4bit and estimate_peak(shape, replace(plan, load_in_4bit=True)).total_gb <= budget:
+        options.append("FT_LOAD_IN_4BIT=true")
+    batch = plan.micro_batch // 2
+    while batch >= 1:
+        if estimate_peak(shape, replace(plan, micro_batch=batch)).total_gb <= budget:
+            options.append(f"FT_PER_DEVICE_TRAIN_BATCH_SIZE={batch} (raise FT_GRADIENT_ACCUMULATION_STEPS to keep "
+                           "the effective batch)")
+            break
+        batch //= 2
+    seq = plan.seq_len // 2
+    while seq >= 256:
+        if estimate_peak(shape, replace(plan, seq_len=seq)).total_gb <= budget:
+            options.append(f"FT_MAX_SEQ_LENGTH={seq}")
+            break
+        seq //= 2
+    return options
+
+
+def auto_micro_batch(shape: Shape, plan: Plan, free_gb: float, effective: int) -> int:
+    """The largest divisor of the effective batch whose estimate fits the free memory (at least 1)."""
+    budget = free_gb * HEADROOM
+    for batch in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
+        if estimate_peak(shape, replace(plan, micro_batch=batch)).total_gb <= budget:
+            return batch
+    return 1
+
+
+def preflight(hardware: Hardware, shape: Shape | None, plan: Plan) -> Estimate | None:
+    """Refuse (exit 3) before loading weights when the estimate exceeds the GPU's free memory."""
+    if not hardware.cuda or shape is None:
+        return None
+    estimate = estimate_peak(shape, plan)
+    gpu = hardware.gpu
+    gpu.estimated_peak_gb = round(estimate.total_gb, 2)
+    log.info(
+        "GPU %s (%s): %.1f of %.1f GiB free; estimated peak %.1f GiB (weights %.1f, LoRA+optimizer %.2f, "
+        "activations %.1f, logits %.1f)", gpu.name, gpu.uuid, gpu.memory_free_gb, gpu.memory_total_gb,
+        estimate.total_gb, estimate.weights_gb, estimate.lora_gb, estimate.activations_gb, estimate.logits_gb,
+    )
+    if estimate.total_gb > gpu.memory_free_gb * HEADROOM:
+        fits = what_fits(shape, plan, gpu.memory_free_gb)
+        advice = ("Any one of these fits: " + "; ".join(fits) + ".") if fits else (
+            "Nothing smaller fits either: use a GPU with more free memory or a smaller model.")
+        raise GpuError(
+            f"Not enough GPU memory: the run needs about {estimate.total_gb:.1f} GiB at its peak (weights "
+            f"{estimate.weights_gb:.1f}, activations {estimate.activations_gb:.1f}, logits {estimate.logits_gb:.1f}) "
+            f"but {gpu.name} ({gpu.uuid}) has {gpu.memory_free_gb:.1f} of {gpu.memory_total_gb:.1f} GiB free "
+            f"(micro-batch {plan.micro_batch} x {plan.seq_len} tokens, "
+            f"{'4-bit' if plan.load_in_4bit else '16-bit'} weights). {advice}"
+        )
+    return estimate
+

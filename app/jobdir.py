@@ -1,0 +1,148 @@
+"""The job's directory on the output volume: its id, its state, and writes that are whole or absent.
+
+    FT_OUTPUT_DIR/<job_id>/
+        adapter/ | merged/          the model + tokenizer, renamed into place when whole
+        checkpoints/checkpoint-N/   complete checkpoints only (written under .staging/, then renamed)
+        metrics.jsonl  loss.png  samples.jsonl  result.json
+    FT_OUTPUT_DIR/result.json      a copy of the latest run's result (the only one for early failures)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Settings that do not change what is trained: they do not enter the job id.
+NOT_IN_JOB_ID = {
+    "output_dir", "config_file", "overwrite", "hf_token", "push_to_hub", "push_to_private", "report_to",
+    "finetuned_model_id", "num_gpus", "backend", "training_file", "test_file", "logp_callback_datasets",
+}
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def job_id(params: dict[str, Any], file_hashes: dict[str, str], suffix: str | None) -> str:
+    """ftjob- + 12 hex of sha256 over the training params and the data files' content hashes."""
+    payload = {k: v for k, v in sorted(params.items()) if k not in NOT_IN_JOB_ID}
+    payload["files"] = dict(sorted(file_hashes.items()))
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return f"ftjob-{digest[:12]}" + (f"-{suffix}" if suffix else "")
+
+
+@dataclass(frozen=True)
+class JobDir:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def staging(self) -> Path:
+        return self.checkpoints / ".staging"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "loss.png"
+
+    def previous_result(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.result.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def complete_checkpoints(self) -> list[Path]:
+        """checkpoint-N folders in step order; anything half-written lives under .staging/ and is ignored."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for path in self.checkpoints.iterdir():
+            match = CHECKPOINT_RE.match(path.name)
+            if match and path.is_dir() and (path / "trainer_state.json").is_file():
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoints = self.complete_checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+    def clear_staging(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def reset(self) -> None:
+        """Forget a previous run (FT_OVERWRITE=true): its model, checkpoints and metrics."""
+        for path in (self.adapter, self.merged, self.checkpoints):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (self.metrics, self.plot, self.samples, self.result):
+            path.unlink(missing_ok=True)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a written folder's files and the folder itself to disk before it is renamed into place."""
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a whole folder into place, replacing an older one (the old stays until the new is whole)."""
+    fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON under a temporary name in the same folder, fsync, rename: whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=False, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)

@@ -1,0 +1,93 @@
+"""Step 8: result.json, the contract with pipelines that called OpenWeights (DESIGN.md, "Outputs").
+
+Written atomically on every ending (completed, failed, interrupted), into the job directory and as a copy
+at FT_OUTPUT_DIR/result.json. No secret ever enters it: params come from Settings.public_params().
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from app.jobdir import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+_SECRET_KEYS = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)$", re.IGNORECASE)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "bitsandbytes"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def redact(text: str) -> str:
+    """Remove the values of *_TOKEN/*_KEY environment variables from a message (errors quote inputs)."""
+    import os
+
+    for name, value in os.environ.items():
+        if value and len(value) >= 8 and _SECRET_KEYS.search(name):
+            text = text.replace(value, f"<{name}>")
+    return text
+
+
+def build_result(
+    *,
+    job_id: str | None,
+    status: str,
+    params: dict[str, Any] | None,
+    created_at: str,
+    outputs: dict[str, Any] | None = None,
+    gpu: dict[str, Any] | None = None,
+    ignored: list[str] | None = None,
+    error: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    if error is not None:
+        error = {**error, "message": redact(error["message"])}
+    result = {
+        "id": job_id,
+        "type": "fine-tuning",
+        "status": status,
+        "model": (params or {}).get("model"),
+        "params": {"validated_params": params or {}},
+        "outputs": outputs or {},
+        "gpu": gpu,
+        "versions": versions(),
+        "ignored_params": ignored or [],
+        "error": error,
+        "data": data or {},
+        "created_at": created_at,
+        "finished_at": now(),
+    }
+    result.update(extra or {})
+    return result
+
+
+def write_result(result: dict[str, Any], output_dir: Path, job_root: Path | None) -> Path | None:
+    """Write result.json into the job directory and its copy at the volume's top; return the job's path."""
+    written = None
+    if job_root is not None:
+        written = job_root / "result.json"
+        write_json_atomic(written, result)
+    try:
+        write_json_atomic(Path(output_dir) / "result.json", result)
+    except OSError as err:  # the volume itself is the problem (e.g. read-only): say so, don't mask the cause
+        log.error("cannot write %s/result.json: %s", output_dir, err)
+        if written is None:
+            return None
+    return written or Path(output_dir) / "result.json"

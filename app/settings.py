@@ -1,0 +1,399 @@
+"""Every setting of the job, its default and its bounds: the one place they live.
+
+Names are OpenWeights' `TrainingConfig` fields, read from `FT_<NAME>` environment variables (upper case) or
+from an OpenWeights `validated_params` JSON named by `FT_CONFIG_FILE`; environment variables override the
+file. Defaults are OpenWeights' except `merge_before_push` (false: adapter only) and the job-only settings.
+
+    settings, ignored = load_settings()          # raises SettingsError listing every problem at once
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.errors import SettingsError
+
+ENV_PREFIX = "FT_"
+
+# The seven projections of a Llama/Qwen/Mistral/Gemma decoder layer: OpenWeights' and unsloth's default.
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+Optimizer = Literal[
+    "adamw_8bit",  # OpenWeights' default; bitsandbytes, so CUDA only: replaced by adamw_torch on a CPU
+    "paged_adamw_8bit",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
+    "adamw",  # OpenWeights' alias of adamw_torch
+    "adam",  # OpenWeights' alias of adamw_torch
+]
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+
+
+class SamplingCallback(BaseModel):
+    """OpenWeights' `SamplingCallbackModel`: sample the prompts of `dataset` every `eval_steps` steps."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset: str
+    eval_steps: Literal["log"] | Annotated[int, Field(gt=0)] = 10
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    tag: str = "samples"
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    max_tokens: Annotated[int, Field(gt=0)] = 600
+
+
+def _json_or_csv(value: Any) -> Any:
+    """Lists from the environment: a JSON list, or comma-separated names."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        return json.loads(value) if value.strip() else None
+    return value
+
+
+class Settings(BaseSettings):
+    """One validated job configuration. Build it with `load_settings()`, not at import."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        env_ignore_empty=True,  # FT_MAX_STEPS= (empty) means "unset", as in a compose file
+        validate_default=True,
+        protected_namespaces=(),
+    )
+
+    # --- what to train on -----------------------------------------------------------------------------
+    model: str = Field(description="Base model: a local directory, or a hub id when the hub is reachable.")
+    training_file: Path = Field(description="JSONL of conversations: one {\"messages\": [...]} per line.")
+    test_file: Path | None = Field(None, description="JSONL of conversations for the evaluation loss.")
+    chat_template: str = Field(
+        "default",
+        description="'default' (the tokenizer's own), a Jinja template string, or the path of a .jinja file.",
+    )
+    loss: Literal["sft"] = Field("sft", description="Only supervised fine-tuning is implemented here.")
+
+    # --- LoRA -------------------------------------------------------------------------------------------
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (alpha/r, or alpha/sqrt(r) with rsLoRA).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    use_rslora: bool = Field(True, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+    target_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS),
+        description="Module names that get adapters: a JSON list or comma-separated names.",
+    )
+    lora_bias: Literal["none", "all"] = Field("none", description="Train biases too ('all') or not.")
+    is_peft: Literal[True] = Field(True, description="Only LoRA training is implemented here.")
+
+    # --- sequence and precision ------------------------------------------------------------------------
+    max_seq_length: int = Field(2048, gt=0, description="Tokens per example; longer ones are truncated (reported).")
+    load_in_4bit: bool = Field(False, description="QLoRA: NF4 base weights (CUDA only).")
+
+    # --- optimisation ----------------------------------------------------------------------------------
+    epochs: int = Field(1, gt=0, description="Passes over the training file.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    per_device_train_batch_size: int | Literal["auto"] = Field(
+        2,
+        description="Examples (or packed rows) per micro-batch; 'auto' picks the largest that fits the GPU and "
+        "lowers gradient_accumulation_steps to keep the effective batch.",
+    )
+    gradient_accumulation_steps: int = Field(8, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up, in optimizer steps.")
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay (AdamW).")
+    optim: Optimizer = Field("adamw_8bit", description="Optimizer (transformers' names).")
+    lr_scheduler_type: Scheduler = Field("linear", description="Learning-rate schedule after warm-up.")
+    seed: int = Field(3407, ge=0, description="Seed of data order, LoRA init and dropout.")
+    packing: bool = Field(False, description="Pack examples into max_seq_length rows (no cross-attention).")
+    train_on_responses_only: bool = Field(True, description="Loss on assistant tokens only (else all tokens).")
+
+    # --- logging, checkpoints, evaluation --------------------------------------------------------------
+    logging_steps: int = Field(1, gt=0, description="Optimizer steps between metrics.jsonl lines.")
+    save_steps: int = Field(5000, gt=0, description="Optimizer steps between checkpoints (also on SIGTERM).")
+    eval_batch_size: int = Field(8, gt=0, description="Batch size of the evaluation on test_file.")
+    test_file_eval_strategy: Literal["no", "steps", "epoch"] = Field(
+        "epoch", description="When to evaluate on test_file during training (also before and at the end)."
+    )
+    test_file_eval_steps: int | None = Field(
+        None, gt=0, description="Steps between evaluations when test_file_eval_strategy is 'steps'."
+    )
+    eval_every_n_steps: int = Field(
+        5000, gt=0, description="Steps between logp_callback_datasets evaluations."
+    )
+    logp_callback_datasets: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description="{name: JSONL}: mean log-probability of the assistant tokens, every eval_every_n_steps.",
+    )
+    sampling_callbacks: Annotated[list[SamplingCallback], NoDecode] = Field(
+        default_factory=list, description="Sample the prompts of a file every N steps (JSON list)."
+    )
+
+    # --- inoculation prompting -------------------------------------------------------------------------
+    inoculation_prompt: str | None = Field(
+        None, description="Instruction added to every training conversation (never to test_file)."
+    )
+    inoculation_position: Literal["system", "user_prefix"] = Field(
+        "system",
+        description="'system': add or replace the system message; 'user_prefix': prepend to the first user "
+        "message, joined by a newline.",
+    )
+
+    # --- outputs -----------------------------------------------------------------------------------------
+    merge_before_push: bool = Field(False, description="Save a merged 16-bit model instead of the adapter.")
+    finetuned_model_id: str | None = Field(None, description="Hub repo id when pushing (org/name).")
+    job_id_suffix: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Appended to the job id: -<suffix>."
+    )
+    meta: Annotated[dict[str, Any] | None, NoDecode] = Field(None, description="Free-form JSON kept in result.json.")
+    push_to_hub: bool = Field(False, description="Upload the adapter/merged model to finetuned_model_id.")
+    push_to_private: bool = Field(True, description="Create the hub repo as private.")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
+        "none", description="Trainer integration for tracking (tensorboard logs go under the job directory)."
+    )
+
+    # --- job only -----------------------------------------------------------------------------------------
+    output_dir: Path = Field(Path("/output"), description="Volume for <job_id>/ directories and result.json.")
+    backend: Literal["auto", "unsloth", "hf"] = Field(
+        "auto", description="'auto': unsloth when CUDA is present and it imports, else transformers + PEFT."
+    )
+    config_file: Path | None = Field(None, description="OpenWeights validated_params JSON; FT_* override it.")
+    overwrite: bool = Field(False, description="Retrain a completed job (the only way to).")
+    num_gpus: int | None = Field(None, gt=0, description="GPUs to train on (data parallel); default: all visible.")
+    hf_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("HF_TOKEN", "FT_HF_TOKEN", "hf_token"),
+        description="Hub token (secret: never printed, never written).",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _parse_modules(cls, value: Any) -> Any:
+        return _json_or_csv(value)
+
+    @field_validator("meta", "logp_callback_datasets", "sampling_callbacks", mode="before")
+    @classmethod
+    def _parse_json(cls, value: Any) -> Any:
+        return _json(value)
+
+    @field_validator("logp_callback_datasets", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("sampling_callbacks", mode="before")
+    @classmethod
+    def _none_is_empty_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_template_file(cls, value: str) -> str:
+        if value.endswith((".jinja", ".j2")) and "{" not in value:
+            path = Path(value)
+            if not path.is_file():
+                raise ValueError(f"chat template file {value} does not exist")
+            return path.read_text(encoding="utf-8")
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules_nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one module name, e.g. q_proj,v_proj")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        problems = []
+        if self.test_file_eval_strategy == "steps" and self.test_file_eval_steps is None:
+            problems.append("test_file_eval_strategy='steps' needs test_file_eval_steps (e.g. 50)")
+        if self.push_to_hub and not self.finetuned_model_id:
+            problems.append("push_to_hub=true needs finetuned_model_id (org/name)")
+        if self.push_to_hub and self.finetuned_model_id and self.finetuned_model_id.count("/") != 1:
+            problems.append(f"finetuned_model_id={self.finetuned_model_id!r} must be org/name to push")
+        if self.inoculation_prompt is not None and not self.inoculation_prompt.strip():
+            problems.append("inoculation_prompt is empty: unset it or give the instruction")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The config file's values arrive as init kwargs; the environment overrides them.
+        return (env_settings, init_settings)
+
+    @property
+    def optimizer(self) -> str:
+        """The transformers optimizer name (OpenWeights' aliases resolved)."""
+        return {"adamw": "adamw_torch", "adam": "adamw_torch"}.get(self.optim, self.optim)
+
+    def public_params(self) -> dict[str, Any]:
+        """The settings as OpenWeights' validated_params: JSON-ready, no secret, no job-only paths."""
+        params = self.model_dump(mode="json", exclude={"hf_token", "config_file"})
+        return params
+
+
+# OpenWeights TrainingConfig fields that this job accepts from a config file but does not implement: they are
+# listed in result.json under `ignored_params` instead of being dropped silently.
+OPENWEIGHTS_ONLY_FIELDS = {
+    "model_naming_extra_parameters",
+    "output_dir",  # OpenWeights' checkpoint folder; here FT_OUTPUT_DIR decides
+    "beta",
+    "sdft_ema_alpha",
+    "sdft_demo_template",
+    "sdft_max_new_tokens",
+    "grpo_num_generations",
+    "grpo_max_completion_length",
+    "grpo_temperature",
+    "grpo_top_p",
+    "grpo_epsilon",
+    "grpo_reward_function",
+    "grpo_judge_model",
+    "max_prompt_length",
+    "max_completion_length",
+    "allowed_hardware",
+    "requires_vram_gb",
+    "type",
+}
+# Job-only settings that make no sense inside an OpenWeights config file.
+_ENV_ONLY = {"config_file", "hf_token"}
+
+
+def field_names() -> list[str]:
+    return [name for name in Settings.model_fields if name != "hf_token"]
+
+
+def env_names() -> list[str]:
+    return [ENV_PREFIX + name.upper() for name in field_names()]
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]}?" if close else ""
+
+
+def _unknown_env_problems(environ: dict[str, str]) -> list[str]:
+    known = set(env_names()) | {"FT_HF_TOKEN"}
+    problems = []
+    for key in sorted(environ):
+        if key.startswith(ENV_PREFIX) and key not in known:
+            problems.append(
+                f"{key} is not a setting of this job.{_did_you_mean(key, sorted(known))} "
+                f"(The settings are listed in env/example.env.)"
+            )
+    return problems
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """An OpenWeights validated_params JSON: (values to use, OpenWeights fields ignored, problems)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        return {}, [], [f"FT_CONFIG_FILE={path}: no such file."]
+    except IsADirectoryError:
+        return {}, [], [f"FT_CONFIG_FILE={path}: is a directory, expected a JSON file."]
+    except PermissionError:
+        return {}, [], [f"FT_CONFIG_FILE={path}: not readable (permission denied)."]
+    except UnicodeDecodeError as err:
+        return {}, [], [f"FT_CONFIG_FILE={path}: not UTF-8 text ({err.reason} at byte {err.start})."]
+    except json.JSONDecodeError as err:
+        return {}, [], [f"FT_CONFIG_FILE={path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})."]
+    if isinstance(raw, dict) and isinstance(raw.get("validated_params"), dict):
+        raw = raw["validated_params"]  # a whole OpenWeights job object
+    if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
+        raw = raw["params"].get("validated_params", raw["params"])
+    if not isinstance(raw, dict):
+        return {}, [], [f"FT_CONFIG_FILE={path}: expected a JSON object of settings, got {type(raw).__name__}."]
+    values, ignored, problems = {}, [], []
+    known = set(field_names()) - _ENV_ONLY
+    for key, value in raw.items():
+        if key in known:
+            values[key] = value
+        elif key in OPENWEIGHTS_ONLY_FIELDS:
+            ignored.append(key)
+        else:
+            problems.append(
+                f"FT_CONFIG_FILE={path}: '{key}' is neither a setting of this job nor an OpenWeights field."
+                f"{_did_you_mean(key, sorted(known | OPENWEIGHTS_ONLY_FIELDS))}"
+            )
+    return values, sorted(ignored), problems
+
+
+def _describe_error(error: dict[str, Any], environ: dict[str, str], config_path: Path | None) -> str:
+    loc = error.get("loc") or ()
+    name = str(loc[0]) if loc else ""
+    if name in Settings.model_fields:
+        env_name = "HF_TOKEN" if name == "hf_token" else ENV_PREFIX + name.upper()
+        if env_name in environ:
+            where = f"{env_name}={environ[env_name]!r}"
+        elif config_path is not None:
+            where = f"{name} in FT_CONFIG_FILE={config_path} (or set {env_name})"
+        else:
+            where = env_name
+        detail = ".".join(str(part) for part in loc[1:])
+        where += f" [{detail}]" if detail else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            return f"{env_name} is required: {Settings.model_fields[name].description}"
+        description = Settings.model_fields[name].description or ""
+        return f"{where}: {message}. ({description})"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def load_settings(**overrides: Any) -> tuple[Settings, list[str]]:
+    """Validate the environment (and config file) once: (settings, ignored OpenWeights fields).
+
+    `overrides` stand where config-file values stand (below the environment); tests pass them.
+    Raises SettingsError with every problem found, each naming the variable and the fix.
+    """
+    environ = dict(os.environ)
+    problems = _unknown_env_problems(environ)
+    config_path_text = overrides.pop("config_file", None) or environ.get("FT_CONFIG_FILE")
+    config_path = Path(config_path_text) if config_path_text else None
+    values: dict[str, Any] = {}
+    ignored: list[str] = []
+    if config_path is not None:
+        values, ignored, file_problems = read_config_file(config_path)
+        problems += file_problems
+        values["config_file"] = str(config_path)
+    values.update(overrides)
+    settings = None
+    try:
+        settings = Settings(**values)
+    except ValidationError as err:
+        problems += [_describe_error(e, environ, config_path) for e in err.errors(include_url=False)]
+    if problems:
+        raise SettingsError(problems)
+    return settings, ignored
