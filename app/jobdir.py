@@ -20,7 +20,7 @@ from typing import Any
 
 # Settings that do not change what is trained: they do not enter the job id.
 NOT_IN_JOB_ID = {
-    "output_dir", "config_file", "overwrite", "hf_token", "push_to_hub", "push_to_private", "report_to",
+    "output_dir", "config_file", "config_index", "overwrite", "hf_token", "push_to_hub", "push_to_private", "report_to",
     "finetuned_model_id", "num_gpus", "backend", "training_file", "test_file", "logp_callback_datasets",
 }
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

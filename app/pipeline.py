@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,7 @@ def run_training(run: Run, trainer, stop) -> dict[str, Any]:
         else:
             metrics["eval_loss"] = logged[-1]["eval_loss"]
     metrics["train_tokens"] = metrics_cb.train_tokens()
+    metrics["time_to_first_step_s"] = metrics_cb.first_step_s
     metrics["session_tokens"] = trainer._total_train_tokens
     write_loss_plot(job)
     return metrics
@@ -368,6 +370,7 @@ def finish(run: Run, metrics: dict[str, Any], artifact: Path) -> dict[str, Any]:
         train_tokens=metrics.get("train_tokens"),
         tokens_per_second=round(metrics.get("session_tokens", 0) / runtime, 1) if runtime else None,
         peak_gpu_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        time_to_first_step_s=round(metrics["time_to_first_step_s"], 2) if metrics.get("time_to_first_step_s") else None,
         model_path=str(artifact),
     )
     run.finetuned_model_id = str(artifact)
@@ -406,8 +409,10 @@ def train(run: Run, stop) -> dict[str, Any]:
     from app.model_source import fetch_weights
 
     model_path = fetch_weights(run.settings.model, prepared.model_path, _token(run.settings))
+    started = time.monotonic()
     model = backend.load_model(run.settings, model_path, run.hardware)
     model = backend.add_lora(model, run.settings, run.hardware)
+    run.outputs["load_time_s"] = round(time.monotonic() - started, 2)
     trainer = build_trainer(run, model, prepared, micro_batch, accumulation, optimizer, stop)
     metrics = run_training(run, trainer, stop)
     artifact = save_model(run, backend, trainer.model, prepared.tokenizer, model_path)

@@ -181,7 +181,12 @@ class Settings(BaseSettings):
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="'auto': unsloth when CUDA is present and it imports, else transformers + PEFT."
     )
-    config_file: Path | None = Field(None, description="OpenWeights validated_params JSON; FT_* override it.")
+    config_file: Path | None = Field(
+        None, description="OpenWeights validated_params JSON (or a .jsonl of them, one per sweep index); FT_* override it."
+    )
+    config_index: int | None = Field(
+        None, ge=0, description="Line of a .jsonl FT_CONFIG_FILE to use; default: JOB_COMPLETION_INDEX (Indexed Job)."
+    )
     overwrite: bool = Field(False, description="Retrain a completed job (the only way to).")
     num_gpus: int | None = Field(None, gt=0, description="GPUs to train on (data parallel); default: all visible.")
     hf_token: SecretStr | None = Field(
@@ -261,7 +266,7 @@ class Settings(BaseSettings):
 
     def public_params(self) -> dict[str, Any]:
         """The settings as OpenWeights' validated_params: JSON-ready, no secret, no job-only paths."""
-        params = self.model_dump(mode="json", exclude={"hf_token", "config_file"})
+        params = self.model_dump(mode="json", exclude={"hf_token", "config_file", "config_index"})
         return params
 
 
@@ -288,7 +293,7 @@ OPENWEIGHTS_ONLY_FIELDS = {
     "type",
 }
 # Job-only settings that make no sense inside an OpenWeights config file.
-_ENV_ONLY = {"config_file", "hf_token"}
+_ENV_ONLY = {"config_file", "config_index", "hf_token"}
 
 
 def field_names() -> list[str]:
@@ -316,10 +321,26 @@ def _unknown_env_problems(environ: dict[str, str]) -> list[str]:
     return problems
 
 
-def read_config_file(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+def _config_text(path: Path, index: int | None) -> tuple[str, int]:
+    """The JSON text of a config file: the whole file, or line `index` of a .jsonl sweep file."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    if Path(path).suffix != ".jsonl":
+        return text, 1
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if index is None:
+        raise ValueError("is a .jsonl of configurations: set FT_CONFIG_INDEX (or run as an Indexed Job, which "
+                         "sets JOB_COMPLETION_INDEX) to pick one line")
+    if index >= len(lines):
+        raise ValueError(f"has {len(lines)} configurations; index {index} is out of range (0..{len(lines) - 1})")
+    return lines[index][1], lines[index][0]
+
+
+def read_config_file(path: Path, index: int | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
     """An OpenWeights validated_params JSON: (values to use, OpenWeights fields ignored, problems)."""
+    line = 1
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        text, line = _config_text(path, index)
+        raw = json.loads(text)
     except FileNotFoundError:
         return {}, [], [f"FT_CONFIG_FILE={path}: no such file."]
     except IsADirectoryError:
@@ -329,7 +350,9 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], list[str], list[str]]:
     except UnicodeDecodeError as err:
         return {}, [], [f"FT_CONFIG_FILE={path}: not UTF-8 text ({err.reason} at byte {err.start})."]
     except json.JSONDecodeError as err:
-        return {}, [], [f"FT_CONFIG_FILE={path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})."]
+        return {}, [], [f"FT_CONFIG_FILE={path}:{err.lineno + line - 1}: invalid JSON: {err.msg} (column {err.colno})."]
+    except ValueError as err:
+        return {}, [], [f"FT_CONFIG_FILE={path}: {err}."]
     if isinstance(raw, dict) and isinstance(raw.get("validated_params"), dict):
         raw = raw["validated_params"]  # a whole OpenWeights job object
     if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
@@ -384,10 +407,14 @@ def load_settings(**overrides: Any) -> tuple[Settings, list[str]]:
     config_path = Path(config_path_text) if config_path_text else None
     values: dict[str, Any] = {}
     ignored: list[str] = []
+    index_text = overrides.pop("config_index", None) or environ.get("FT_CONFIG_INDEX") or environ.get("JOB_COMPLETION_INDEX")
+    index = int(index_text) if str(index_text or "").isdigit() else None
     if config_path is not None:
-        values, ignored, file_problems = read_config_file(config_path)
+        values, ignored, file_problems = read_config_file(config_path, index)
         problems += file_problems
         values["config_file"] = str(config_path)
+        if index is not None and config_path.suffix == ".jsonl":
+            values["config_index"] = index
     values.update(overrides)
     settings = None
     try:

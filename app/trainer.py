@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from app import PROCESS_START
 from app.signals import StopRequest
 from app.jobdir import JobDir, publish_dir
 
@@ -64,6 +65,7 @@ class MetricsCallback(TrainerCallback):
     _last_time: float = 0.0
     _last_tokens: int = 0
     _first_step: int | None = None
+    first_step_s: float | None = None  # seconds from process start to the end of the first optimizer step
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -73,6 +75,10 @@ class MetricsCallback(TrainerCallback):
     def train_tokens(self) -> int:
         return self.tokens_before + (self.trainer._total_train_tokens if self.trainer is not None else 0)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step_s is None:
+            self.first_step_s = time.monotonic() - PROCESS_START
+
     def on_train_begin(self, args, state, control, **kwargs):
         self._first_step = state.global_step
         self._last_time = time.monotonic()
@@ -80,7 +86,8 @@ class MetricsCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
-        record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                                  "elapsed_s": round(time.monotonic() - PROCESS_START, 3)}
         if "eval_loss" in logs:
             record.update({k: v for k, v in logs.items() if k.startswith("eval_")})
             self._write(record)

@@ -1,0 +1,55 @@
+# The job's commands. `make run` and `make test` work on a fresh clone with Python 3.11 and no GPU.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SMOKE_MODEL := .cache/models/smoke
+OUTPUT ?= output
+IMAGE ?= ft-job:latest
+
+.PHONY: help run test test-fast lint test-gpu build train check preview bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	touch $@
+
+$(SMOKE_MODEL)/devmodel.json: $(VENV)/.installed app/devmodel.py data/sample/train.jsonl data/sample/test.jsonl
+	$(PY) -m app.devmodel --out $(SMOKE_MODEL) --shape small
+
+run: $(SMOKE_MODEL)/devmodel.json  ## train the tiny local model on data/sample (CPU, about a minute)
+	set -a; . env/smoke.env; set +a; FT_OUTPUT_DIR=$(OUTPUT) $(PY) -m app train
+
+check: $(SMOKE_MODEL)/devmodel.json  ## validate settings + data, GPU preflight (ENV=env/x.env), no weights loaded
+	set -a; . $${ENV:-env/smoke.env}; set +a; FT_OUTPUT_DIR=$(OUTPUT) $(PY) -m app check
+
+preview: $(SMOKE_MODEL)/devmodel.json  ## the first training rows with trained tokens marked (ENV=env/x.env)
+	set -a; . $${ENV:-env/smoke.env}; set +a; $(PY) -m app preview -n 2
+
+test: $(VENV)/.installed lint  ## static checks, unit and integration tests (CPU)
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed  ## unit tests only
+	$(PY) -m pytest -q -m "not integration"
+
+lint: $(VENV)/.installed  ## ruff, hadolint, compose spec, Kubernetes schemas, pins and settings names
+	PATH=$(abspath $(VENV))/bin:$$PATH scripts/lint.sh
+
+test-gpu:  ## GPU tests (CUDA + requirements/gpu.txt; in the image: docker compose run --rm test-gpu)
+	$(PYTHON) -m pytest -q -m gpu -rs tests/test_gpu.py
+
+build:  ## build the GPU image
+	docker build -t $(IMAGE) .
+
+train:  ## train with docker compose (ENV_FILE=env/code.env), data in ./data, results in ./output
+	docker compose run --rm train
+
+bench:  ## throughput of the job vs plain transformers+PEFT+TRL (GPU): writes bench/results/
+	$(PYTHON) -m bench.run --out bench/results
+
+clean:  ## remove the venv, local models and outputs
+	rm -rf $(VENV) .cache $(OUTPUT)
