@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             run.write(run.result("failed", error))
             _termination_log(f"failed (exit 1): {type(err).__name__}: {err}")
         return EXIT_UNEXPECTED
+    finally:
+        run.close()
 
 
 def _train(run, stop) -> int:

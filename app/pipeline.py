@@ -71,6 +71,13 @@ class Run:
             data=self.data, extra={"backend": self.backend, "adjustments": self.adjustments},
         )
 
+    def close(self) -> None:
+        """Release the job's lock (the process exiting releases it too)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
+
     def write(self, result: dict[str, Any]) -> Path | None:
         output_dir = self.settings.output_dir if self.settings else Path(os.environ.get("FT_OUTPUT_DIR", "/output"))
         return write_result(result, output_dir, self.job.root if self.job else None)
@@ -285,6 +292,7 @@ def run_training(run: Run, trainer, stop) -> dict[str, Any]:
                        "FT_MAX_SEQ_LENGTH, or set FT_LOAD_IN_4BIT=true. The last checkpoint is kept.") from None
     finally:
         stop.in_training = False
+        job.clear_staging()
     state = trainer.state
     run.outputs["global_step"] = state.global_step
     if trainer.nonfinite_step is not None:

@@ -152,6 +152,9 @@ class JobTrainer(SFTTrainer):
         self._finite = None
         return finite
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """No hub model card in checkpoints (TRL writes one at every save)."""
+
     def _get_output_dir(self, trial) -> str:
         return str(self.job.staging)
 
