@@ -223,45 +223,76 @@ class Estimate:
         return self.weights_gb + self.lora_gb + self.activations_gb + self.logits_gb + self.overhead_gb
 
 
+@dataclass(frozen=True)
+class Profile:
+    """How a backend spends activation memory. The unsloth coefficients are fitted to peaks measured on an
+    H100 (torch.cuda.max_memory_allocated, Qwen2-0.5B shape, micro-batch 1/2/4 x 2048, 2026-11-25; see
+    docs/BENCHMARKS.md, "Memory estimate"); hf's are structural (the tensors PyTorch saves for backward)."""
+
+    layer_bytes: tuple[float, float, float]  # saved bytes per token per layer = a*hidden + b*kv + c*intermediate
+    scale_4bit: float  # activations of a 4-bit base relative to a 16-bit one
+    checkpoint_keeps_inputs: bool  # checkpointed layer inputs stay on the GPU (False: offloaded to the CPU)
+    recompute_fraction: float  # share of one layer's activations alive during checkpointed backward
+    logits_bytes: float  # bytes per token per vocabulary entry alive at the peak
+    logits_tokens_cap: int | None  # a chunked/fused cross-entropy holds at most this many tokens' logits
+    fp32_embeddings_4bit: bool  # PEFT's prepare_model_for_kbit_training upcasts embeddings/LM head to fp32
+
+
+PROFILES = {
+    # transformers + PEFT: SDPA, TRL's chunked NLL (256-token chunks of fp32 logits and their gradients).
+    "hf": Profile(layer_bytes=(16.0, 4.0, 6.0), scale_4bit=1.0, checkpoint_keeps_inputs=True, recompute_fraction=1.0,
+                  logits_bytes=12.0, logits_tokens_cap=768, fp32_embeddings_4bit=True),
+    # unsloth: fused RMSNorm/RoPE/SwiGLU kernels, offloaded checkpoints, fused cross-entropy. Measured: 35.9 KB
+    # per token per layer in bf16 (Qwen2-0.5B), 32.4 KB on a 4-bit base, 0.37 GiB of cross-entropy workspace.
+    "unsloth": Profile(layer_bytes=(16.0, 0.0, 4.43), scale_4bit=0.90, checkpoint_keeps_inputs=False,
+                       recompute_fraction=0.48, logits_bytes=4.0, logits_tokens_cap=650, fp32_embeddings_4bit=False),
+}
+
+
 def estimate_peak(shape: Shape, plan: Plan) -> Estimate:
     """Peak training memory (torch.cuda.max_memory_allocated) in GiB, from the shape alone.
 
     weights      16-bit: 2 bytes/param; NF4: 0.5 byte + double-quantised absmax (~0.127 bit) per linear
-                 weight, embeddings and LM head kept in 16 bits
+                 weight, embeddings and LM head in 16 bits (32 after PEFT's k-bit preparation)
     LoRA         r x (in + out) per adapted projection, fp32: weight 4 + grad 4 + Adam 8 (8-bit Adam: 2)
-    activations  checkpointed: each layer's input (b x s x h x 2 bytes) + one layer recomputed in full;
-                 not checkpointed: every layer's saved tensors
-    logits       the LM head's output over the vocabulary; a fused/chunked cross-entropy keeps only chunks
+    activations  not checkpointed: every layer's saved tensors (Profile.layer_bytes per token per layer);
+                 checkpointed: each layer's input (b x s x h x 2 bytes, unless offloaded to the CPU) + the
+                 part of one layer that is recomputed at a time
+    logits       the LM head's output over the vocabulary that is alive at once (chunked or fused CE)
     """
-    b, s = plan.micro_batch, plan.seq_len
-    tokens = b * s
-    h, i = shape.hidden, shape.intermediate
+    profile = PROFILES.get(plan.backend, PROFILES["hf"])
+    tokens = plan.micro_batch * plan.seq_len
     kv = shape.kv_heads * shape.head_dim
     if plan.load_in_4bit:
-        weights = shape.linear_params * (0.5 + 0.127 / 8) + shape.embedding_params * 2
+        embedding_bytes = 4 if profile.fp32_embeddings_4bit else 2
+        weights = shape.linear_params * (0.5 + 0.127 / 8) + shape.embedding_params * embedding_bytes
     else:
         weights = shape.params * 2
     lora_params = shape.layers * sum(
         plan.r * (a + o) for name, (a, o) in shape.projections().items() if name in plan.target_modules
     )
     lora = lora_params * (4 + 4 + (2 if plan.optimizer_8bit else 8))
-    # Saved tensors of one decoder layer, bytes per token (16-bit): norms, q/k/v/o, attention output and
-    # softmax statistics, gate/up/act/down inputs, plus the LoRA inputs of each adapted projection.
-    per_layer = 2 * (4 * h + 2 * h + 2 * kv + 4 * i) + (4 * i if plan.load_in_4bit else 0)
+    a, b, c = profile.layer_bytes
+    per_layer = (a * shape.hidden + b * kv + c * shape.intermediate) * (profile.scale_4bit if plan.load_in_4bit else 1)
     if plan.gradient_checkpointing:
-        activations = tokens * (shape.layers * 2 * h + per_layer)
+        kept = shape.layers * 2 * shape.hidden if profile.checkpoint_keeps_inputs else 0
+        activations = tokens * (kept + profile.recompute_fraction * per_layer)
     else:
         activations = tokens * shape.layers * per_layer
-    # Logits: unsloth's fused CE and TRL's chunked NLL never hold b x s x V floats at once.
-    if plan.backend == "hf-unfused":
-        logits = tokens * shape.vocab * (2 + 4 + 4)
-    else:
-        logits = min(tokens, 8192) * shape.vocab * 4  # a few chunks of fp32 logits and their gradients
-    overhead = 0.35 * GIB + 0.02 * weights  # cuBLAS/attention workspaces and allocator rounding
+    logit_tokens = min(tokens, profile.logits_tokens_cap or tokens)
+    logits = logit_tokens * shape.vocab * profile.logits_bytes
+    overhead = 0.05 * GIB + 0.02 * weights  # cuBLAS/attention workspaces and allocator rounding
     return Estimate(
         weights_gb=weights / GIB, lora_gb=lora / GIB, activations_gb=activations / GIB, logits_gb=logits / GIB,
         overhead_gb=overhead / GIB,
     )
+
+
+def choose_checkpointing(shape: Shape, plan: Plan, free_gb: float) -> bool:
+    """Gradient checkpointing only when the run does not fit without it: recomputing every layer's
+    forward costs about a third of the step."""
+    budget = free_gb * HEADROOM
+    return estimate_peak(shape, replace(plan, gradient_checkpointing=False)).total_gb > budget
 
 
 def read_shape(model_path: Path) -> Shape | None:
@@ -295,13 +326,18 @@ def what_fits(shape: Shape, plan: Plan, free_gb: float) -> list[str]:
     return options
 
 
-def auto_micro_batch(shape: Shape, plan: Plan, free_gb: float, effective: int) -> int:
-    """The largest divisor of the effective batch whose estimate fits the free memory (at least 1)."""
+def auto_micro_batch(shape: Shape, plan: Plan, free_gb: float, effective: int,
+                     checkpointing_choices: tuple[bool, ...] = (False, True)) -> tuple[int, bool]:
+    """(micro-batch, gradient checkpointing): the largest divisor of the effective batch that fits without
+    checkpointing; only when even 1 does not, the largest that fits with it."""
     budget = free_gb * HEADROOM
-    for batch in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
-        if estimate_peak(shape, replace(plan, micro_batch=batch)).total_gb <= budget:
-            return batch
-    return 1
+    divisors = sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True)
+    for checkpointing in checkpointing_choices:
+        for batch in divisors:
+            candidate = replace(plan, micro_batch=batch, gradient_checkpointing=checkpointing)
+            if estimate_peak(shape, candidate).total_gb <= budget:
+                return batch, checkpointing
+    return 1, True
 
 
 def preflight(hardware: Hardware, shape: Shape | None, plan: Plan) -> Estimate | None:

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# One GPU session on a lent host (Python 3.12 + torch 2.11 cu130 + transformers/peft/accelerate, no network):
+# installs the pinned wheelhouse (.whl/, from ../shared/tools/gpu-wheelhouse.sh), then runs the named phases
+# and prints a summary table last. Logs go to $OUT (or /tmp/gpu-out).
+#
+#   scripts/gpu_session.sh tests probe bench05 bench7 refuse
+#
+# Phases: env (versions, nvidia-smi) · tests (make test-gpu) · probe (memory at several micro-batches,
+# 0.5B) · bench05, bench7-4bit, bench7-bf16, bench7-bf16-fixed (bench/run.py tables on the Qwen2-0.5B /
+# Qwen2-7B shapes, split to fit 10-minute calls) · refuse (7B 16-bit with a far too large micro-batch on a
+# partly filled card: exit 3 + a suggestion that fits).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+: >"$SUMMARY"
+started=$(date +%s)
+note() { echo "$*" | tee -a "$SUMMARY"; }
+elapsed() { echo $(($(date +%s) - started)); }
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache TRITON_CACHE_DIR=/tmp/triton_cache
+MODELS=/tmp/models
+TEST_ARGS=()
+[ -n "${TESTS_K:-}" ] && TEST_ARGS=(-k "$TESTS_K")
+mkdir -p "$MODELS"
+
+model() {  # model SHAPE -> path (built once, on the GPU, saved in bf16; the folder bench/run.py uses too)
+  python3 -m app.devmodel --out "$MODELS/$1-chatml-bfloat16" --shape "$1" --device cuda --dtype bfloat16 \
+    2>>"$OUT/devmodel.log" | tail -1
+}
+
+phase_env() {
+  { date -u; nvidia-smi; python3 - <<'EOF'
+import importlib.metadata as m
+for p in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "unsloth_zoo", "bitsandbytes",
+          "torchao", "cut_cross_entropy", "pydantic", "pydantic-settings", "nvidia-ml-py", "matplotlib",
+          "tensorboard", "tokenizers", "huggingface_hub", "safetensors", "triton", "numpy"):
+    try:
+        print(f"{p}=={m.version(p)}")
+    except m.PackageNotFoundError:
+        print(f"{p}: not installed")
+import torch
+print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+EOF
+  } >"$OUT/env.txt" 2>&1
+  note "env: $(grep -E '^(torch|unsloth|trl)==' "$OUT/env.txt" | tr '\n' ' ') ($(elapsed) s)"
+}
+
+phase_tests() {  # phase_tests [PYTEST-ARGS...]: all GPU tests, or a selection (-k ...)
+  timeout 420 python3 -m pytest -q -m gpu -rs -s --durations=8 tests/test_gpu.py --junitxml="$OUT/gpu-tests.xml" \
+    "${TEST_ARGS[@]}" >"$OUT/gpu-tests.log" 2>&1
+  note "tests: exit $? :: $(tail -1 "$OUT/gpu-tests.log") ($(elapsed) s)"
+  grep -E "estimate|unsloth loss|startup|PASSED|FAILED|ERROR|^[0-9.]+s (call|setup)" "$OUT/gpu-tests.log" | head -40 >>"$SUMMARY"
+}
+
+phase_probe() {
+  local m
+  m=$(model qwen2-0.5b)
+  for mode in bf16 4bit; do
+    timeout 150 python3 scripts/gpu_memory_probe.py --model "$m" --mode "$mode" --checkpointing off \
+      --batches 1,2,4 >>"$OUT/probe.log" 2>&1
+  done
+  timeout 150 python3 scripts/gpu_memory_probe.py --model "$m" --mode bf16 --checkpointing on --batches 1,2,4 \
+    >>"$OUT/probe.log" 2>&1
+  grep '^PROBE' "$OUT/probe.log" | sed 's/^PROBE //' >"$OUT/probe.jsonl"
+  note "probe: $(wc -l <"$OUT/probe.jsonl") measurements ($(elapsed) s)"
+  python3 - "$OUT/probe.jsonl" <<'EOF' | tee -a "$SUMMARY"
+import json, sys
+print("| model | backend | mode | ckpt | micro-batch | measured GiB | estimate GiB | error |")
+print("|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    err = (r["estimate_gb"] - r["measured_peak_gb"]) / r["measured_peak_gb"]
+    print(f"| {r['model']} | {r['backend']} | {r['mode']} | {r['checkpointing']} | {r['micro_batch']} | "
+          f"{r['measured_peak_gb']:.2f} | {r['estimate_gb']:.2f} | {err:+.0%} |")
+EOF
+}
+
+phase_bench() {  # phase_bench NAME SHAPE SECONDS BENCH-ARGS...: one bench/run.py table
+  local name=$1 shape=$2 limit=$3
+  shift 3
+  timeout $((limit + 30)) python3 -m bench.run --out "$OUT/$name" --shapes "$shape" --models-dir "$MODELS" \
+    --budget "$limit" "$@" >"$OUT/$name.log" 2>&1
+  note "bench $name: exit $? ($(elapsed) s)"
+  [ -f "$OUT/$name/table.md" ] && cat "$OUT/$name/table.md" >>"$SUMMARY"
+  # Only 8 files come back from $OUT: keep the table, pack the rest.
+  tar -czf "$OUT/$name.tgz" -C "$OUT" "$name" "$name.log" 2>/dev/null && rm -rf "${OUT:?}/$name" "$OUT/$name.log"
+}
+
+phase_refuse() {
+  local m
+  m=$(model qwen2-7b)
+  # Fill 60 GiB of the card from another process, then ask for a 16-bit 7B run with a far too large
+  # micro-batch (64 x 4096 tokens): the job must refuse before loading weights and name a setting that fits.
+  python3 -c "import torch, time; x = torch.empty(60 * 2**30, dtype=torch.uint8, device='cuda'); time.sleep(900)" &
+  local filler=$!
+  sleep 10
+  local env=(FT_MODEL="$m" FT_TRAINING_FILE=data/sample/train.jsonl FT_OUTPUT_DIR=/tmp/refuse FT_PACKING=true
+    FT_MAX_SEQ_LENGTH=4096 FT_PER_DEVICE_TRAIN_BATCH_SIZE=64 FT_GRADIENT_ACCUMULATION_STEPS=1 FT_MAX_STEPS=1)
+  local t0=$SECONDS
+  env "${env[@]}" timeout 120 python3 -m app train >"$OUT/refuse.log" 2>&1
+  local code=$?
+  local message
+  message=$(python3 -c "import json; print(json.load(open('/tmp/refuse/result.json'))['error']['message'])" 2>&1)
+  note "refuse: exit $code after $((SECONDS - t0)) s; loaded weights: $(grep -c 'Loading weights\|Unsloth: Fast' "$OUT/refuse.log") :: $message"
+  local batch
+  batch=$(echo "$message" | grep -oE 'FT_PER_DEVICE_TRAIN_BATCH_SIZE=[0-9]+' | head -1 | cut -d= -f2)
+  if [ -n "$batch" ]; then
+    env "${env[@]}" FT_PER_DEVICE_TRAIN_BATCH_SIZE="$batch" FT_OUTPUT_DIR=/tmp/refuse-ok timeout 200 \
+      python3 -m app train >"$OUT/refuse-ok.log" 2>&1
+    note "refuse: the suggested FT_PER_DEVICE_TRAIN_BATCH_SIZE=$batch with 60 GiB taken: exit $? :: $(python3 -c "import json; r = json.load(open('/tmp/refuse-ok/result.json')); o = r['outputs']; print(r['status'], 'free', r['gpu']['memory_free_gb'], 'estimate', r['gpu']['estimated_peak_gb'], 'measured', o.get('peak_gpu_memory_gb'), 'ckpt', o.get('gradient_checkpointing'))" 2>&1)"
+  fi
+  kill "$filler" 2>/dev/null
+  wait "$filler" 2>/dev/null
+}
+
+phase_importtime() {
+  python3 -X importtime -c "import unsloth" 2>"$OUT/importtime.txt" >/dev/null
+  note "import unsloth, top cumulative (us):"
+  grep 'import time:' "$OUT/importtime.txt" | awk -F'|' 'NR>1 {gsub(/ /,"",$2); print $2 "|" $3}' | sort -t'|' -k1 -nr \
+    | head -25 | tee -a "$SUMMARY"
+}
+
+for phase in "$@"; do
+  case "$phase" in
+    env) phase_env ;;
+    tests) phase_tests ;;
+    probe) phase_probe ;;
+    bench05) phase_bench bench-0.5b qwen2-0.5b 240 --modes bf16,4bit --paths job,baseline,job-fixed \
+      --warmup 2 --steps 4 --micro-batch 2 --accum 2 ;;
+    bench7-4bit) phase_bench bench-7b-4bit qwen2-7b 320 --modes 4bit --paths job,baseline,job-fixed \
+      --warmup 2 --steps 3 --micro-batch 2 --accum 2 ;;
+    bench7-bf16) phase_bench bench-7b-bf16 qwen2-7b 225 --modes bf16 --paths job,baseline \
+      --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak ;;
+    bench7-bf16-fixed) phase_bench bench-7b-bf16-fixed qwen2-7b 150 --modes bf16 --paths job-fixed \
+      --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak ;;
+    bench7-bf16-long) phase_bench bench-7b-bf16-long qwen2-7b 270 --modes bf16 --paths job,baseline \
+      --warmup 4 --steps 8 --micro-batch 2 --accum 4 ;;
+    bench7-4bit-ckpt) phase_bench bench-7b-4bit-ckpt qwen2-7b 100 --modes 4bit --paths job-fixed \
+      --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak --job-checkpointing true ;;
+    bench7-4bit-seed1) phase_bench bench-7b-4bit-seed1 qwen2-7b 150 --modes 4bit --paths job,baseline \
+      --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak --seed 1 ;;
+    refuse) phase_refuse ;;
+    importtime) phase_importtime ;;
+    bench05-bf16) phase_bench bench-0.5b-bf16 qwen2-0.5b 110 --modes bf16 --paths job,baseline \
+      --warmup 2 --steps 6 --micro-batch 2 --accum 4 --no-peak ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+echo
+echo "================ summary ($(elapsed) s) ================"
+cat "$SUMMARY"

@@ -1,0 +1,170 @@
+"""GPU tests (`make test-gpu`): the unsloth backend, 4-bit QLoRA, merged saves, the NVML preflight.
+
+Skipped with a reason where CUDA is absent. Models are architecture-faithful random Qwen2s built locally
+by app.devmodel (no hub). unsloth is imported first, as the job does, before transformers/peft/trl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if CUDA:
+    try:
+        import unsloth  # noqa: F401  (must precede transformers, peft and trl)
+    except ImportError:
+        pass
+
+from tests.conftest import ROOT, SAMPLE, read_result, run_cli, smoke_env  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (make test-gpu on a GPU host)")]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    from app.devmodel import write
+
+    return write(tmp_path_factory.mktemp("gpu-models") / "small", shape="small", device="cuda", dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def qwen05(tmp_path_factory) -> Path:
+    from app.devmodel import write
+
+    return write(tmp_path_factory.mktemp("gpu-models") / "qwen2-0.5b", shape="qwen2-0.5b", device="cuda",
+                 dtype="bfloat16")
+
+
+def _generate(model, tokenizer) -> torch.Tensor:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write is_even(n)."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = {k: v.to("cuda") for k, v in prompt.items()}
+    with torch.no_grad():
+        return model.generate(**prompt, max_new_tokens=8, do_sample=False)[:, prompt["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["bf16", "4bit"])
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_every_option_trains_saves_and_reloads(small_model, tmp_path, monkeypatch, four_bit, merge, packing):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    env = smoke_env(small_model, tmp_path, load_in_4bit=str(four_bit).lower(), merge_before_push=str(merge).lower(),
+                    packing=str(packing).lower(), test_file=SAMPLE / "test.jsonl", optim="adamw_8bit")
+    assert run_cli(monkeypatch, env, "train") == 0
+    result = read_result(tmp_path)
+    assert result["status"] == "completed" and result["backend"] == "unsloth"
+    assert result["versions"]["unsloth"] and result["versions"]["bitsandbytes"]
+    gpu = result["gpu"]
+    assert gpu["name"] and gpu["uuid"].startswith(("GPU-", "MIG-")) and gpu["memory_total_gb"] > 10
+    assert gpu["estimated_peak_gb"] > 0 and result["outputs"]["peak_gpu_memory_gb"] > 0
+    assert result["outputs"]["tokens_per_second"] > 0 and result["adjustments"] == []
+    path = Path(result["params"]["validated_params"]["finetuned_model_id"])
+    assert path.name == ("merged" if merge else "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if merge:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0})
+        assert not any("lora" in n for n, _ in model.named_parameters())
+    else:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(small_model, dtype=torch.bfloat16, device_map={"": 0})
+        model = PeftModel.from_pretrained(base, path)
+    assert _generate(model, tokenizer).shape[1] == 8
+
+
+def test_packed_loss_equals_unpacked_loss_under_unsloth(small_model, tmp_path):
+    """unsloth's attention must keep packed examples apart: same loss as the padded batch (bf16 tolerance)."""
+    from app.backends import select_backend
+    from app.gpu import detect_hardware
+    from app.pipeline import Run, build_trainer, open_job, prepare_data
+    from app.settings import load_settings
+    from app.signals import StopRequest
+
+    losses = {}
+    for packing in (False, True):
+        run = Run()
+        run.settings, _ = load_settings(model=str(small_model), training_file=str(SAMPLE / "train.jsonl"),
+                                        output_dir=str(tmp_path / str(packing)), packing=packing, max_seq_length=2048)
+        run.hardware = detect_hardware()
+        backend = select_backend("unsloth", True)
+        run.backend = backend.name
+        prepared = prepare_data(run)
+        prepared.train_dataset = prepared.train_dataset.select(range(8))
+        open_job(run, prepared.file_hashes)
+        model = backend.add_lora(backend.load_model(run.settings, prepared.model_path, run.hardware), run.settings,
+                                 run.hardware)
+        trainer = build_trainer(run, model, prepared, 8, 1, "adamw_8bit", StopRequest())
+        batch = next(iter(trainer.get_train_dataloader()))
+        model.eval()
+        with torch.no_grad():
+            losses[packing] = float(trainer.compute_loss(model, dict(batch)))
+        run.close()
+    print(f"unsloth loss unpacked {losses[False]:.6f} packed {losses[True]:.6f}")
+    assert losses[True] == pytest.approx(losses[False], rel=5e-3)
+
+
+def test_nvml_device_is_the_device_torch_uses(monkeypatch):
+    from app.gpu import detect_hardware
+
+    hardware = detect_hardware()
+    props = torch.cuda.get_device_properties(0)
+    assert hardware.gpu.uuid.removeprefix("GPU-").removeprefix("MIG-") == str(props.uuid)
+    assert hardware.bf16 == torch.cuda.is_bf16_supported()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hardware.gpu.uuid)
+    assert detect_hardware().gpu.uuid == hardware.gpu.uuid
+
+
+def _cli(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.run([sys.executable, "-m", "app", *args], env=full, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_qwen2_05b_through_python_m_app_train(qwen05, tmp_path):
+    """The 0.5B shape end to end as users run it: a fresh `python -m app train` process (packed 2 x 2048)."""
+    env = smoke_env(qwen05, tmp_path, packing="true", max_seq_length=2048, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=1, max_steps=3, optim="adamw_8bit")
+    proc = _cli(env, "train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    result = read_result(tmp_path)
+    assert result["status"] == "completed" and result["backend"] == "unsloth"
+    assert result["outputs"]["tokens_per_second"] > 0 and result["outputs"]["time_to_first_step_s"] > 0
+    print(f"0.5B startup: {result['outputs']['startup_s']}, first step {result['outputs']['time_to_first_step_s']} s")
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["bf16", "4bit"])
+def test_qwen2_05b_estimate_within_20_percent_of_measured_peak(qwen05, tmp_path, monkeypatch, four_bit):
+    """Micro-batch 2 x 2048 packed: the preflight estimate against torch.cuda.max_memory_allocated."""
+    env = smoke_env(qwen05, tmp_path, packing="true", max_seq_length=2048, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=1, max_steps=3, load_in_4bit=str(four_bit).lower(),
+                    optim="adamw_8bit")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # this process ran other tests before
+    assert run_cli(monkeypatch, env, "train") == 0
+    result = read_result(tmp_path)
+    estimate, measured = result["gpu"]["estimated_peak_gb"], result["outputs"]["peak_gpu_memory_gb"]
+    print(f"0.5B {'4bit' if four_bit else 'bf16'}: estimate {estimate:.2f} GiB, measured {measured:.2f} GiB")
+    assert abs(estimate - measured) / measured <= 0.20
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(qwen05, tmp_path, monkeypatch, capfd):
+    env = smoke_env(qwen05, tmp_path, packing="true", max_seq_length=4096, per_device_train_batch_size=4096,
+                    gradient_accumulation_steps=1)
+    assert run_cli(monkeypatch, env, "train") == 3
+    result = read_result(tmp_path)
+    assert result["status"] == "failed" and result["error"]["exit_code"] == 3
+    message = result["error"]["message"]
+    assert "FT_PER_DEVICE_TRAIN_BATCH_SIZE=" in message and "Loading weights" not in capfd.readouterr().err
+    suggestion = message.split("FT_PER_DEVICE_TRAIN_BATCH_SIZE=")[1].split()[0]
+    assert run_cli(monkeypatch, {**env, "FT_PER_DEVICE_TRAIN_BATCH_SIZE": suggestion}, "check") == 0
+    summary = json.loads(capfd.readouterr().out)  # stdout is check's JSON alone (unsloth's banners go to stderr)
+    assert 0 < summary["estimated_peak_gpu_memory_gb"] <= summary["gpu"]["memory_free_gb"]
