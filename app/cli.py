@@ -23,11 +23,22 @@ from app.errors import EXIT_OK, EXIT_UNEXPECTED, Interrupted, JobError
 log = logging.getLogger("app")
 
 
+class RedactingFormatter(logging.Formatter):
+    """Every log line, tracebacks included, without the values of *_TOKEN/*_KEY variables."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from app.result import redact
+
+        return redact(super().format(record))
+
+
 def configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S",
         force=True,
     )
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(RedactingFormatter(handler.formatter._fmt, handler.formatter.datefmt))
     # Library chatter: keep warnings, drop progress bars and info lines when stderr is a log file.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not sys.stderr.isatty():
@@ -60,6 +71,17 @@ def _termination_log(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Libraries (unsloth's banners) print to stdout; they are sent to stderr so that stdout
+    carries only the command's own output (check's JSON, preview's rows)."""
+    stdout = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        return _main(argv, stdout)
+    finally:
+        sys.stdout = stdout
+
+
+def _main(argv: list[str] | None, stdout) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "train"
     configure_logging()
@@ -77,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         if run.ignored:
             log.warning("OpenWeights fields not implemented here, ignored: %s", ", ".join(run.ignored))
         if command == "check":
-            return _check(run)
+            return _check(run, stdout)
         if command == "preview":
-            return _preview(run, args.n, args.json)
+            return _preview(run, args.n, args.json, stdout)
         return _train(run, stop)
     except JobError as err:
         from app.result import redact
@@ -93,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             _termination_log(f"{status} (exit {err.exit_code}): {redact(err.message)}")
         return err.exit_code
     except Exception as err:  # a bug: keep the traceback, still leave a result behind
+        from app.result import redact
+
         log.exception("unexpected error")
         if command == "train":
             error = {"type": type(err).__name__, "message": str(err), "exit_code": EXIT_UNEXPECTED}
             run.write(run.result("failed", error))
-            _termination_log(f"failed (exit 1): {type(err).__name__}: {err}")
+            _termination_log(redact(f"failed (exit 1): {type(err).__name__}: {err}"))
         return EXIT_UNEXPECTED
     finally:
         run.close()
@@ -116,24 +140,25 @@ def _train(run, stop) -> int:
     return EXIT_OK
 
 
-def _check(run) -> int:
+def _check(run, stdout) -> int:
     from app.pipeline import check
 
     summary = check(run)
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str), file=stdout)
     return EXIT_OK
 
 
-def _preview(run, count: int, json_path: Path | None) -> int:
+def _preview(run, count: int, json_path: Path | None, stdout) -> int:
     from app.formatting import render_preview
     from app.pipeline import preview
 
     rows, tokenizer = preview(run, count)
-    mark = ("\x1b[42m", "\x1b[0m") if sys.stdout.isatty() else ("[[", "]]")
+    mark = ("\x1b[42m", "\x1b[0m") if stdout.isatty() else ("[[", "]]")
     for index, row in enumerate(rows):
         trained = sum(label != -100 for label in row["labels"])
-        print(f"--- row {index}: {len(row['input_ids'])} tokens, {trained} trained (marked {mark[0]}like this{mark[1]}) ---")
-        print(render_preview(tokenizer, row, mark))
+        print(f"--- row {index}: {len(row['input_ids'])} tokens, {trained} trained (marked {mark[0]}like this{mark[1]}) ---",
+              file=stdout)
+        print(render_preview(tokenizer, row, mark), file=stdout)
     if json_path:
         json_path.write_text(json.dumps(rows))
         log.info("wrote %d rows to %s", len(rows), json_path)

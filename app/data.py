@@ -42,6 +42,11 @@ def _check_messages(messages: object, require_assistant: bool = True) -> str | N
                 f"{where} ({role}) has content of type {type(content).__name__}; content must be a string "
                 "(content-block lists are not supported: join their text)"
             )
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as err:  # a \ud800-\udfff escape: legal JSON, but no tokenizer can encode it
+            return (f"{where} ({role}) has an unpaired surrogate {content[err.start]!r} at character {err.start} "
+                    "(an escaped \\ud800-\\udfff without its pair); fix the text's encoding")
         if role == "assistant" and not content.strip():
             return f"{where} (assistant) is empty: there is nothing to train on in it"
         unknown = set(message) - {"role", "content", "weight", "name"}

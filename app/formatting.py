@@ -258,7 +258,7 @@ def log_stats(name: str, stats: DatasetStats, max_seq_length: int) -> None:
 def render_preview(tokenizer, example: dict, mark: tuple[str, str] = ("\x1b[42m", "\x1b[0m")) -> str:
     """The decoded text of one training row with the trained tokens wrapped in `mark`."""
     pieces, run, trained_run = [], [], None
-    for token, label in zip(example["input_ids"], example["labels"]):
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
         trained = label != IGNORE
         if trained_run is not None and trained != trained_run:
             text = tokenizer.decode(run, skip_special_tokens=False)

@@ -22,6 +22,7 @@ from typing import Any
 NOT_IN_JOB_ID = {
     "output_dir", "config_file", "config_index", "overwrite", "hf_token", "push_to_hub", "push_to_private", "report_to",
     "finetuned_model_id", "num_gpus", "backend", "training_file", "test_file", "logp_callback_datasets",
+    "gradient_checkpointing",
 }
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -94,6 +95,18 @@ class JobDir:
     def clear_staging(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
+    def clear_temporaries(self) -> None:
+        """Remove what a killed run left half-written: staged checkpoints and `.<name>.tmp-<pid>` files and
+        folders (the job's lock is held, so no other process is writing them)."""
+        self.clear_staging()
+        for path in self.root.glob(".*.tmp-*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for path in self.root.glob(".*.old-*"):  # publish_dir's replaced folder, when killed before deleting it
+            shutil.rmtree(path, ignore_errors=True)
+
     def reset(self) -> None:
         """Forget a previous run (FT_OVERWRITE=true): its model, checkpoints and metrics."""
         for path in (self.adapter, self.merged, self.checkpoints):
@@ -123,26 +136,45 @@ def _fsync_dir(path: Path) -> None:
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
-    """Rename a whole folder into place, replacing an older one (the old stays until the new is whole)."""
+    """Rename a whole folder into place, replacing an older one: `final` names the old or the new folder, whole,
+    at every moment (an atomic exchange where the file system has one)."""
     fsync_tree(tmp)
-    if final.exists():
+    if not final.exists():
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+    else:  # no atomic exchange: for a moment only .<name>.old-<pid> holds the old folder
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the OS or file system lacks it."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON under a temporary name in the same folder, fsync, rename: whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False, default=str)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # the old file stays as it was; no temporary is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)

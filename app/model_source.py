@@ -30,6 +30,41 @@ def resolve_model(model: str, token: str | None = None) -> Path:
     return _snapshot(model, token, METADATA)
 
 
+def check_target_modules(model: str, model_path: Path, target_modules: list[str]) -> None:
+    """FT_TARGET_MODULES must name modules of the model: checked on the architecture built on the meta device
+    from config.json (no weights, no memory), so a typo fails in seconds, `check` included, not after loading.
+    Names match as PEFT matches them: the whole module name or its last dotted parts."""
+    names = _module_names(model_path)
+    if names is None:
+        return  # an architecture transformers cannot build from config alone: PEFT checks when adding LoRA
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind == "Linear"})
+        raise SettingsError([
+            f"FT_TARGET_MODULES={','.join(target_modules)}: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not a module of FT_MODEL={model}. Its linear layers are "
+            f"{', '.join(linear) or '(none found)'}; set FT_TARGET_MODULES to some of them (comma-separated)."
+        ])
+
+
+def _module_names(model_path: Path) -> dict[str, str] | None:
+    """{module name: class name} of the model's architecture, or None when it cannot be built from config."""
+    import logging
+
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # remote code, a multimodal class, an init that needs real tensors
+        logging.getLogger(__name__).info("FT_TARGET_MODULES not checked before loading (%s: %s)",
+                                         type(err).__name__, err)
+        return None
+    return {name: type(module).__name__ for name, module in skeleton.named_modules()}
+
+
 def fetch_weights(model: str, local: Path, token: str | None = None) -> Path:
     """Download the weights of a hub model after the preflight passed (a no-op for local folders)."""
     if Path(model).expanduser().is_dir():

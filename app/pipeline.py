@@ -14,22 +14,30 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from app.data import Conversation, file_sha256, load_conversations
 from app.errors import DataError, GpuError, Interrupted, JobError, SettingsError, TrainingError
 from app.formatting import (
-    DatasetStats, Formatter, apply_inoculation, encode_all, log_stats, pack_like_trainer, to_dataset,
+    DatasetStats,
+    Formatter,
+    apply_inoculation,
+    encode_all,
+    log_stats,
+    pack_like_trainer,
+    to_dataset,
 )
-from app.gpu import Hardware, Plan, auto_micro_batch, detect_hardware, preflight, read_shape
+from app.gpu import Hardware, Plan, auto_micro_batch, choose_checkpointing, detect_hardware, preflight, read_shape
 from app.jobdir import JobDir, job_id, publish_dir
 from app.result import build_result, now, write_result
 from app.settings import Settings
@@ -119,7 +127,7 @@ def load_tokenizer(settings: Settings, model_path: Path):
 
 
 def prepare_data(run: Run) -> Prepared:
-    from app.model_source import resolve_model
+    from app.model_source import check_target_modules, resolve_model
 
     settings = run.settings
     conversations = load_conversations(settings.training_file, "FT_TRAINING_FILE")
@@ -132,6 +140,7 @@ def prepare_data(run: Run) -> Prepared:
         hashes[f"logp:{name}"] = file_sha256(path)
 
     model_path = resolve_model(settings.model, _token(settings))
+    check_target_modules(settings.model, model_path, settings.target_modules)
     tokenizer = load_tokenizer(settings, model_path)
     for conversation in conversations:  # the inoculation instruction: training data only, never test_file
         conversation.messages = apply_inoculation(
@@ -163,7 +172,8 @@ def open_job(run: Run, file_hashes: dict[str, str]) -> JobDir:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise SettingsError([f"FT_OUTPUT_DIR={output_dir}: not writable ({err.strerror}). Mount a writable volume "
+        why = "it is a file, not a folder" if output_dir.is_file() else err.strerror
+        raise SettingsError([f"FT_OUTPUT_DIR={output_dir}: not writable ({why}). Mount a writable volume "
                              "there (e.g. -v ./output:/output) or point FT_OUTPUT_DIR elsewhere."]) from None
     run.job_id = job_id(settings.public_params(), file_hashes, settings.job_id_suffix)
     job = JobDir(output_dir / run.job_id)
@@ -229,14 +239,25 @@ def plan_memory(run: Run, model_path: Path, optimizer: str) -> tuple[int, int]:
                 seq_len=settings.max_seq_length, load_in_4bit=settings.load_in_4bit, r=settings.r,
                 target_modules=tuple(settings.target_modules), optimizer_8bit="8bit" in optimizer,
                 gradient_checkpointing=hardware.gradient_checkpointing, backend=run.backend)
+    measurable = hardware.cuda and shape is not None
+    forced = settings.gradient_checkpointing  # "auto", True or False
+    checkpointing = hardware.gradient_checkpointing if forced == "auto" else forced
     if micro_batch == "auto":
         effective = OW_DEFAULT_MICRO_BATCH * accumulation
-        micro_batch = (auto_micro_batch(shape, plan, hardware.gpu.memory_free_gb, effective)
-                       if hardware.cuda and shape else OW_DEFAULT_MICRO_BATCH)
+        if measurable:
+            choices = (False, True) if forced == "auto" else (forced,)
+            micro_batch, checkpointing = auto_micro_batch(shape, plan, hardware.gpu.memory_free_gb, effective, choices)
+        else:
+            micro_batch = OW_DEFAULT_MICRO_BATCH
         accumulation = max(effective // micro_batch, 1)
         run.adjust("per_device_train_batch_size", "auto", micro_batch,
                    f"largest divisor of the effective batch {effective} that fits; accumulation {accumulation}")
-        plan = Plan(**{**plan.__dict__, "micro_batch": micro_batch})
+    elif measurable and forced == "auto":
+        checkpointing = choose_checkpointing(shape, plan, hardware.gpu.memory_free_gb)
+    hardware.gradient_checkpointing = checkpointing
+    plan = replace(plan, micro_batch=micro_batch, gradient_checkpointing=checkpointing)
+    run.outputs.update(micro_batch=micro_batch, gradient_accumulation_steps=accumulation,
+                       gradient_checkpointing=checkpointing)
     estimate = preflight(hardware, shape, plan)
     if estimate is not None:
         run.outputs["estimated_peak_gpu_memory_gb"] = round(estimate.total_gb, 2)
@@ -279,7 +300,7 @@ def run_training(run: Run, trainer, stop) -> dict[str, Any]:
     metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "MetricsCallback")
     if resume is not None:
         step = int(resume.name.split("-")[1])
-        metrics_cb.tokens_before = _truncate_metrics(job.metrics, step)
+        metrics_cb.tokens_before = trainer.restore_totals(resume, _truncate_metrics(job.metrics, step))
         log.info("resuming job %s from %s (step %d)", run.job_id, resume.name, step)
     else:
         job.metrics.unlink(missing_ok=True)
@@ -299,7 +320,7 @@ def run_training(run: Run, trainer, stop) -> dict[str, Any]:
         last = job.latest_checkpoint()
         write_loss_plot(job)
         raise TrainingError(
-            f"the training loss became non-finite (NaN/inf) at step {trainer.nonfinite_step}; training stopped "
+            f"the training {trainer.nonfinite_what} became non-finite (NaN/inf) at step {trainer.nonfinite_step}; training stopped "
             f"without saving those weights. {'The last good checkpoint is ' + last.name if last else 'No checkpoint was saved'}. "
             "Lower FT_LEARNING_RATE, check the data for empty or huge examples, or use bf16 hardware."
         )
@@ -339,6 +360,23 @@ def _truncate_metrics(path: Path, step: int) -> int:
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
     return tokens
+
+
+@contextmanager
+def disk_full_fails_training(run: Run):
+    """A full volume while writing a checkpoint or the model: exit 4 with the cause, not a traceback. What was
+    being written is half-written under a temporary name, never loaded; the last complete checkpoint stays."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = run.job.latest_checkpoint()
+        raise TrainingError(
+            f"FT_OUTPUT_DIR={run.settings.output_dir} is full ({err.strerror}) while writing {err.filename or 'a file'}. "
+            f"{'The last complete checkpoint is ' + last.name if last else 'No checkpoint was saved'}; free space "
+            "(or mount a larger volume) and rerun the same command to resume."
+        ) from None
 
 
 def save_model(run: Run, backend, model, tokenizer, model_path: Path) -> Path:
@@ -387,7 +425,9 @@ def finish(run: Run, metrics: dict[str, Any], artifact: Path) -> dict[str, Any]:
 
         run.finetuned_model_id = push(run.settings, artifact)
     result = run.result("completed")
-    run.write(result)
+    if run.write(result) != run.job.result:  # exit 0 must not leave an older result.json (say, interrupted) behind
+        raise TrainingError(f"the model is saved at {artifact}, but {run.job.result} cannot be written (see the log "
+                            f"above). Free space on FT_OUTPUT_DIR={run.settings.output_dir} and rerun the same command.")
     return result
 
 
@@ -400,30 +440,45 @@ def _select(run: Run):
     run.hardware = detect_hardware(run.settings.num_gpus)
     backend = select_backend(run.settings.backend, run.hardware.cuda)
     run.backend = backend.name
-    if backend.name == "unsloth":
-        run.hardware.gradient_checkpointing = True
     return backend
+
+
+def _mark(run: Run, name: str) -> None:
+    """Seconds from process start to the end of a startup phase: where time to first step goes."""
+    from app import PROCESS_START
+
+    run.outputs.setdefault("startup_s", {})[name] = round(time.monotonic() - PROCESS_START, 2)
 
 
 def train(run: Run, stop) -> dict[str, Any]:
     backend = _select(run)
+    _mark(run, "imports")
     prepared = prepare_data(run)
+    _mark(run, "data")
     open_job(run, prepared.file_hashes)
     if (done := completed_result(run)) is not None:
         return done
-    run.job.clear_staging()
+    run.job.clear_temporaries()  # what a killed run left half-written is never loaded
     optimizer = effective_optimizer(run)
     micro_batch, accumulation = plan_memory(run, prepared.model_path, optimizer)
     from app.model_source import fetch_weights
 
     model_path = fetch_weights(run.settings.model, prepared.model_path, _token(run.settings))
     started = time.monotonic()
+    from transformers import set_seed
+
+    # add_lora draws the LoRA A matrices from the global RNG, before the trainer seeds it: seed here, or
+    # FT_SEED does not fix the initial adapter and two runs of the same job train different models.
+    set_seed(run.settings.seed)
     model = backend.load_model(run.settings, model_path, run.hardware)
     model = backend.add_lora(model, run.settings, run.hardware)
     run.outputs["load_time_s"] = round(time.monotonic() - started, 2)
+    _mark(run, "model")
     trainer = build_trainer(run, model, prepared, micro_batch, accumulation, optimizer, stop)
-    metrics = run_training(run, trainer, stop)
-    artifact = save_model(run, backend, trainer.model, prepared.tokenizer, model_path)
+    _mark(run, "trainer")
+    with disk_full_fails_training(run):
+        metrics = run_training(run, trainer, stop)
+        artifact = save_model(run, backend, trainer.model, prepared.tokenizer, model_path)
     return finish(run, metrics, artifact)
 
 

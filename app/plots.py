@@ -42,9 +42,9 @@ def write_loss_plot(job: JobDir) -> bool:
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss (test_file)", color="tab:orange", linewidth=1.5)
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss (test_file)", color="tab:orange", linewidth=1.5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean NLL per trained token, nats)")
     ax.set_title(job.root.name, fontsize=9)
@@ -53,7 +53,7 @@ def write_loss_plot(job: JobDir) -> bool:
     if logps:  # mean log-probabilities (negative) on their own axis
         right = ax.twinx()
         for key, points in sorted(logps.items()):
-            right.plot(*zip(*points), "s--", label=key, linewidth=1)
+            right.plot(*zip(*points, strict=True), "s--", label=key, linewidth=1)
         right.set_ylabel("mean log p of assistant tokens")
         more = right.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ _SECRET_KEYS = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)$", re.IGNORECASE)
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def versions() -> dict[str, str | None]:
@@ -79,15 +79,15 @@ def build_result(
 
 
 def write_result(result: dict[str, Any], output_dir: Path, job_root: Path | None) -> Path | None:
-    """Write result.json into the job directory and its copy at the volume's top; return the job's path."""
+    """Write result.json into the job directory and its copy at the volume's top; return the first path written
+    (the job's, when there is a job), or None when neither could be written."""
+    paths = ([job_root / "result.json"] if job_root is not None else []) + [Path(output_dir) / "result.json"]
     written = None
-    if job_root is not None:
-        written = job_root / "result.json"
-        write_json_atomic(written, result)
-    try:
-        write_json_atomic(Path(output_dir) / "result.json", result)
-    except OSError as err:  # the volume itself is the problem (e.g. read-only): say so, don't mask the cause
-        log.error("cannot write %s/result.json: %s", output_dir, err)
-        if written is None:
-            return None
-    return written or Path(output_dir) / "result.json"
+    for path in paths:
+        try:
+            write_json_atomic(path, result)
+        except OSError as err:  # the volume itself is the problem (read-only, full): say so, don't mask the cause
+            log.error("cannot write %s: %s", path, err)
+            continue
+        written = written or path
+    return written

@@ -38,8 +38,10 @@ class StopRequest:
                     os._exit(EXIT_INTERRUPTED)
             os._exit(EXIT_INTERRUPTED)
         self.signal_name = name
-        if not self.in_training:  # nothing to checkpoint yet: stop where we are
-            raise Interrupted(f"{name} received before training started; nothing was trained. Run again to start.")
+        if not self.in_training:  # outside the training loop there is nothing to checkpoint: stop where we are
+            raise Interrupted(f"{name} received outside the training loop (while preparing, loading or saving): "
+                              "stopped at once. Run the same command again: it resumes from the newest complete "
+                              "checkpoint, if there is one.")
         log.warning("%s received: finishing this optimizer step, then saving a checkpoint (a second signal exits "
                     "at once)", name)
 

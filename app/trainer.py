@@ -20,16 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 from trl import SFTConfig, SFTTrainer
 
 from app import PROCESS_START
+from app.jobdir import JobDir, publish_dir, write_json_atomic
 from app.signals import StopRequest
-from app.jobdir import JobDir, publish_dir
 
 log = logging.getLogger(__name__)
 
 KEEP_CHECKPOINTS = 2  # the newest complete ones; older ones are deleted after a new one is whole
+# Beside HF's trainer_state.json in every checkpoint: the running totals that HF keeps per session only
+# (its train_loss divides this session's loss sum by the global step; TRL counts this session's tokens).
+TOTALS_FILE = "job_totals.json"
 
 
 # --- callbacks ----------------------------------------------------------------------------------------------
@@ -45,10 +49,15 @@ class ControlCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer is not None and not self.trainer.loss_is_finite():
             self.trainer.nonfinite_step = state.global_step
+            self.trainer.nonfinite_what = "loss"
             control.should_save = False
             control.should_evaluate = False
             control.should_training_stop = True
-        elif self.stop.requested:
+            return control
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last steps are logged even when logging_steps does not divide them
+        if self.stop.requested:
+            control.should_log = True  # metrics.jsonl gets the step the checkpoint holds
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -129,17 +138,73 @@ def _duration(seconds: float) -> str:
 # --- the trainer ---------------------------------------------------------------------------------------------
 
 
+def _batch_tokens(inputs) -> int:
+    """Tokens of one micro-batch, padding excluded (padding-free batches have none)."""
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    return int(inputs["input_ids"].numel())
+
+
 class JobTrainer(SFTTrainer):
     """SFTTrainer with whole-or-absent checkpoints and a cheap non-finite-loss check."""
 
     def __init__(self, *args, job: JobDir, **kwargs):
         self.job = job
         self.nonfinite_step: int | None = None
+        self.nonfinite_what = "loss"  # or "LoRA weights": what was found non-finite
         self._finite = None
+        self.loss_before = 0.0  # sum of the per-step losses of earlier sessions of this job (resume)
+        self.tokens_before = 0  # train tokens of earlier sessions
         super().__init__(*args, **kwargs)
 
+    def restore_totals(self, checkpoint: Path, logged_tokens: int) -> int:
+        """Read the loss and token totals saved with `checkpoint`; return the train tokens before it.
+
+        A checkpoint without the file (written by an older version of the job) falls back on what was
+        logged: the tokens of the last metrics line and the losses in trainer_state.json's log history.
+        """
+        try:
+            totals = json.loads((checkpoint / TOTALS_FILE).read_text())
+            self.loss_before, self.tokens_before = float(totals["loss_sum"]), int(totals["train_tokens"])
+        except (OSError, ValueError, KeyError, TypeError):
+            state = json.loads((checkpoint / "trainer_state.json").read_text())
+            previous, loss_sum = 0, 0.0
+            for entry in state.get("log_history", []):
+                if "loss" in entry:
+                    loss_sum += entry["loss"] * (entry["step"] - previous)
+                    previous = entry["step"]
+            self.loss_before, self.tokens_before = loss_sum, logged_tokens
+            log.warning("%s has no %s: train_loss and train_tokens are estimated from the logged steps",
+                        checkpoint.name, TOTALS_FILE)
+        return self.tokens_before
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        if resume_from_checkpoint is not None:
+            state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+            if 0 < state.max_steps <= state.global_step:
+                return self._already_trained(resume_from_checkpoint, state)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _already_trained(self, checkpoint: str, state: TrainerState) -> TrainOutput:
+        """The checkpoint holds the last step (the run was stopped or failed after training, e.g. while saving).
+        HF would train one more step past max_steps when max_steps is not a whole number of epochs (its epoch
+        loop does not check global_step before the first step): load the checkpoint's adapter instead."""
+        log.info("%s holds the last step (%d): nothing left to train", Path(checkpoint).name, state.global_step)
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        loss = self.loss_before / state.global_step
+        return TrainOutput(state.global_step, loss, {"train_loss": loss, "train_runtime": 0.0})
+
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        # HF divides this session's loss sum by the global step, which counts earlier sessions too: add theirs.
+        self._total_loss_scalar += self.loss_before
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        counted = self._total_train_tokens
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._total_train_tokens == counted:  # unsloth's compute_loss replaces TRL's, which counts tokens
+            self._total_train_tokens += _batch_tokens(inputs)
         finite = torch.isfinite(loss.detach()).all()  # stays on the device: no sync per micro-batch
         self._finite = finite if self._finite is None else self._finite & finite
         return loss
@@ -158,15 +223,32 @@ class JobTrainer(SFTTrainer):
     def _get_output_dir(self, trial) -> str:
         return str(self.job.staging)
 
+    def _trainable_weights_finite(self) -> bool:
+        """A step can leave non-finite weights behind a finite loss (an inf gradient, clipped to NaN): check the
+        trainable (LoRA) weights before they become a checkpoint. They are small; one sync per save."""
+        return all(bool(torch.isfinite(p.detach()).all()) for p in self.model.parameters() if p.requires_grad)
+
     def _save_checkpoint(self, model, trial) -> None:
         name = f"checkpoint-{self.state.global_step}"
+        if not self._trainable_weights_finite():
+            log.error("step %d left non-finite LoRA weights: not saving them as a checkpoint", self.state.global_step)
+            self.nonfinite_step, self.nonfinite_what = self.state.global_step, "LoRA weights"
+            self.control.should_training_stop = True
+            return
         shutil.rmtree(self.job.staging / name, ignore_errors=True)
         super()._save_checkpoint(model, trial)
         if not self.args.should_save:
             return
+        totals = {"loss_sum": self.loss_before + self._total_loss_scalar + float(self._tr_loss),
+                  "train_tokens": self.tokens_before + self._total_train_tokens}
+        write_json_atomic(self.job.staging / name / TOTALS_FILE, totals)
         publish_dir(self.job.staging / name, self.job.checkpoints / name)
         for old in self.job.complete_checkpoints()[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Moved out of checkpoints/ first: a kill while deleting leaves no half-deleted "complete" checkpoint.
+            trash = self.job.staging / f".old-{old.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            old.replace(trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def sft_config(settings, hardware, job: JobDir, backend: str, micro_batch: int, accumulation: int,

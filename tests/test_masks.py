@@ -39,7 +39,7 @@ HOSTILE = [
 
 def trained_runs(example) -> list[list[int]]:
     runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels):
+    for token, label in zip(example.input_ids, example.labels, strict=True):
         if label != IGNORE:
             assert label == token, "a trained label must be the token itself"
             current.append(token)
@@ -84,7 +84,7 @@ def test_each_answer_trains_its_end_of_turn_token(tokenizers, family):
     tokenizer = tokenizers[family]
     example, _ = encode(tokenizer, MULTI)
     eot_id = tokenizer.convert_tokens_to_ids(EOT[family])
-    trained = [t for t, l in zip(example.input_ids, example.labels) if l != IGNORE]
+    trained = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE]
     assert trained.count(eot_id) == 3  # one end-of-turn per answer, none of the prompt turns'
 
 

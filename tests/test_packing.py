@@ -15,7 +15,6 @@ from app.formatting import Formatter, encode_all, to_dataset
 from app.gpu import Hardware
 from app.jobdir import JobDir
 from app.settings import load_settings
-
 from tests.conftest import SAMPLE
 
 pytestmark = pytest.mark.integration

@@ -166,4 +166,4 @@ def test_preview_json_is_what_the_trainer_trains_on(tiny_model, tmp_path, monkey
         assert [r["input_ids"] for r in rows] == [list(r["input_ids"]) for r in trained_rows]
         assert [r["labels"] for r in rows] == [list(r["labels"]) for r in trained_rows]
         assert all(any(label != -100 for label in r["labels"]) for r in rows)
-        assert all(label == -100 or label == token for r in rows for token, label in zip(r["input_ids"], r["labels"]))
+        assert all(label == -100 or label == token for r in rows for token, label in zip(r["input_ids"], r["labels"], strict=True))
