@@ -46,7 +46,7 @@ build:  ## build the GPU image
 	docker build -t $(IMAGE) .
 
 train:  ## train with docker compose (ENV_FILE=env/code.env), data in ./data, results in ./output
-	docker compose run --rm train
+	mkdir -p data $(OUTPUT) && OUTPUT_DIR=$(abspath $(OUTPUT)) docker compose run --rm train
 
 bench:  ## throughput of the job vs plain transformers+PEFT+TRL (GPU): writes bench/results/
 	$(PYTHON) -m bench.run --out bench/results
