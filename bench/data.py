@@ -1,0 +1,86 @@
+"""The benchmark's training file: the bundled sample conversations, repeated until the run has enough tokens.
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)    # the model folder's: what both paths load
+    stats = build(out / "data.jsonl", seq=2048, rows=(warmup + steps) * micro_batch * accumulation, tokenizer)
+
+Each repetition of data/sample/train.jsonl is shuffled with its own fixed seed (seed + repetition), and whole
+conversations are appended until the file holds rows x seq tokens plus a margin (packing never fills a row
+exactly, and both paths must run out of nothing). Tokens are counted exactly, with the benchmark models'
+tokenizer through the job's own Formatter, so the same numbers give the mean attended context of the packed
+documents that MFU needs (bench/flops.py).
+
+The tokenizer must be loaded from a model folder, not taken from app.devmodel.build_tokenizer(): from a folder
+whose config.json says qwen2, transformers 5 builds a Qwen2Tokenizer (Qwen2's own pre-tokenizer regex), which
+splits text differently (about 2.5% more tokens on the sample data). Every shape's folder holds the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from app.data import load_conversations
+from app.devmodel import SAMPLE_DIR
+from app.formatting import Formatter
+
+MARGIN = 0.2  # extra tokens beyond what (warmup + steps) optimizer steps consume
+
+
+@dataclass
+class DataStats:
+    path: str
+    seq: int
+    target_tokens: int
+    conversations: int
+    tokens: int  # after truncation to seq, as the trainer receives them
+    trained_tokens: int
+    longest: int
+    ctx_mean: float  # mean attended length per token, block-diagonal causal: sum n(n+1)/2 / sum n
+    seed: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def ctx_mean(lengths: list[int]) -> float:
+    """Mean attended length per token when each document only attends to itself, causally: token i of a
+    document attends i + 1 tokens, so a document of n tokens contributes n(n+1)/2 over n tokens."""
+    total = sum(lengths)
+    return sum(n * (n + 1) / 2 for n in lengths) / total if total else 0.0
+
+
+def build(out: Path, seq: int, rows: int, tokenizer, seed: int = 3407, margin: float = MARGIN,
+          source: Path = SAMPLE_DIR / "train.jsonl") -> DataStats:
+    """Write `out` (JSONL of {"messages": [...]}) and `out`.json (its DataStats); deterministic."""
+    out = Path(out)
+    formatter = Formatter(tokenizer, seq)
+    base = load_conversations(source)
+    encoded = [formatter.encode(conversation) for conversation in base]
+    lengths = [len(e.input_ids) for e in encoded]
+    trained = [sum(label != -100 for label in e.labels[1:]) for e in encoded]
+    target = math.ceil(rows * seq * (1 + margin))
+    chosen: list[int] = []
+    total, repetition = 0, 0
+    while total < target:
+        order = list(range(len(base)))
+        random.Random(seed + repetition).shuffle(order)
+        for index in order:
+            chosen.append(index)
+            total += lengths[index]
+            if total >= target:
+                break
+        repetition += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as handle:
+        for index in chosen:
+            conversation = base[index]
+            handle.write(json.dumps({"messages": conversation.messages, **conversation.extra}, ensure_ascii=False) + "\n")
+    used = [lengths[i] for i in chosen]
+    stats = DataStats(path=str(out), seq=seq, target_tokens=target, conversations=len(chosen), tokens=sum(used),
+                      trained_tokens=sum(trained[i] for i in chosen), longest=max(used), ctx_mean=ctx_mean(used),
+                      seed=seed)
+    out.with_suffix(out.suffix + ".json").write_text(json.dumps(stats.as_dict(), indent=2))
+    return stats
