@@ -272,6 +272,8 @@ def build_trainer(run: Run, model, prepared: Prepared, micro_batch: int, accumul
     from app.trainer import ControlCallback, JobTrainer, MetricsCallback, sft_config
 
     settings, job = run.settings, run.job
+    if settings.report_to == "tensorboard":  # beside the job's other outputs, not under the checkpoints' staging
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(job.root / "tensorboard")
     config = sft_config(settings, run.hardware, job, run.backend, micro_batch, accumulation, optimizer,
                         has_eval=prepared.eval_dataset is not None)
     metrics = MetricsCallback(job.metrics)

@@ -428,8 +428,11 @@ def load_settings(**overrides: Any) -> tuple[Settings, list[str]]:
     config_path = Path(config_path_text) if config_path_text else None
     values: dict[str, Any] = {}
     ignored: list[str] = []
-    index_text = overrides.pop("config_index", None) or environ.get("FT_CONFIG_INDEX") or environ.get("JOB_COMPLETION_INDEX")
-    index = int(index_text) if str(index_text or "").isdigit() else None
+    index_text = overrides.pop("config_index", None)
+    for name in ("FT_CONFIG_INDEX", "JOB_COMPLETION_INDEX"):
+        if index_text is None and environ.get(name, "").strip():
+            index_text = environ[name].strip()
+    index = int(index_text) if str(index_text).isdigit() else None
     if config_path is not None:
         values, ignored, file_problems = read_config_file(config_path, index)
         problems += file_problems
