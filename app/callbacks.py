@@ -157,7 +157,12 @@ def prompts_of(path) -> list[list[dict]]:
 
 
 def research_callbacks(settings, tokenizer, job, trainer) -> list[TrainerCallback]:
+    """Rank 0 alone measures and samples (on its own copy of the weights): one metrics and samples file."""
+    from app.launch import is_main
+
     callbacks: list[TrainerCallback] = []
+    if not is_main():
+        return callbacks
     for name, path in settings.logp_callback_datasets.items():
         formatter = Formatter(tokenizer, settings.max_seq_length, train_on_responses_only=True)
         examples = encode_all(formatter, load_conversations(path, f"FT_LOGP_CALLBACK_DATASETS[{name}]"))

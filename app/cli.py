@@ -33,9 +33,13 @@ class RedactingFormatter(logging.Formatter):
 
 
 def configure_logging() -> None:
+    from app.launch import is_main, launched, rank
+
+    # Data-parallel ranks other than 0 log warnings and errors only, marked with their rank.
+    prefix = f"[rank {rank()}] " if launched() else ""
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S",
-        force=True,
+        level=logging.INFO if is_main() else logging.WARNING, stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)-7s {prefix}%(message)s", datefmt="%H:%M:%S", force=True,
     )
     for handler in logging.getLogger().handlers:
         handler.setFormatter(RedactingFormatter(handler.formatter._fmt, handler.formatter.datefmt))
@@ -98,6 +102,11 @@ def _main(argv: list[str] | None, stdout) -> int:
         run.settings, run.ignored = load_settings()
         if run.ignored:
             log.warning("OpenWeights fields not implemented here, ignored: %s", ", ".join(run.ignored))
+        if command == "train" and (ranks := _ranks_wanted(run.settings)) > 1:
+            from app.launch import launch
+
+            run.close()
+            return launch(ranks, ["train"])
         if command == "check":
             return _check(run, stdout)
         if command == "preview":
@@ -125,6 +134,17 @@ def _main(argv: list[str] | None, stdout) -> int:
         return EXIT_UNEXPECTED
     finally:
         run.close()
+
+
+def _ranks_wanted(settings) -> int:
+    """GPUs to train on (FT_NUM_GPUS, default all visible): more than one re-runs the job once per GPU."""
+    from app.launch import launched
+
+    if launched():
+        return 1  # this process is a rank already
+    from app.gpu import detect_hardware
+
+    return detect_hardware(settings.num_gpus).num_gpus
 
 
 def _train(run, stop) -> int:

@@ -39,6 +39,7 @@ from app.formatting import (
 )
 from app.gpu import Hardware, Plan, auto_micro_batch, choose_checkpointing, detect_hardware, preflight, read_shape
 from app.jobdir import JobDir, job_id, publish_dir
+from app.launch import is_main, world_size
 from app.result import build_result, now, write_result
 from app.settings import Settings
 
@@ -87,6 +88,8 @@ class Run:
             self._lock = None
 
     def write(self, result: dict[str, Any]) -> Path | None:
+        if not is_main():  # data-parallel ranks: rank 0 alone writes the result
+            return None
         output_dir = self.settings.output_dir if self.settings else Path(os.environ.get("FT_OUTPUT_DIR", "/output"))
         return write_result(result, output_dir, self.job.root if self.job else None)
 
@@ -178,6 +181,9 @@ def open_job(run: Run, file_hashes: dict[str, str]) -> JobDir:
     run.job_id = job_id(settings.public_params(), file_hashes, settings.job_id_suffix)
     job = JobDir(output_dir / run.job_id)
     job.root.mkdir(parents=True, exist_ok=True)
+    run.job = job
+    if not is_main():  # rank 0 holds the lock for the whole data-parallel job
+        return job
     lock = open(job.root / ".lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -196,7 +202,8 @@ def completed_result(run: Run) -> dict[str, Any] | None:
     if settings.overwrite:
         if previous is not None or job.complete_checkpoints():
             log.warning("FT_OVERWRITE=true: discarding the earlier run of %s", run.job_id)
-        job.reset()
+        if is_main():
+            job.reset()
         return None
     if not previous or previous.get("status") != "completed":
         return None
@@ -242,8 +249,13 @@ def plan_memory(run: Run, model_path: Path, optimizer: str) -> tuple[int, int]:
     measurable = hardware.cuda and shape is not None
     forced = settings.gradient_checkpointing  # "auto", True or False
     checkpointing = hardware.gradient_checkpointing if forced == "auto" else forced
+    world = world_size()
     if micro_batch == "auto":
-        effective = OW_DEFAULT_MICRO_BATCH * accumulation
+        # OpenWeights' effective batch (2 x accumulation) kept across all ranks: each rank takes 1/world of it.
+        effective = max(OW_DEFAULT_MICRO_BATCH * accumulation // world, 1)
+        if world > 1 and (OW_DEFAULT_MICRO_BATCH * accumulation) % world:
+            run.adjust("gradient_accumulation_steps", accumulation, effective * world // OW_DEFAULT_MICRO_BATCH,
+                       f"the effective batch {OW_DEFAULT_MICRO_BATCH * accumulation} does not divide over {world} GPUs")
         if measurable:
             choices = (False, True) if forced == "auto" else (forced,)
             micro_batch, checkpointing = auto_micro_batch(shape, plan, hardware.gpu.memory_free_gb, effective, choices)
@@ -257,7 +269,8 @@ def plan_memory(run: Run, model_path: Path, optimizer: str) -> tuple[int, int]:
     hardware.gradient_checkpointing = checkpointing
     plan = replace(plan, micro_batch=micro_batch, gradient_checkpointing=checkpointing)
     run.outputs.update(micro_batch=micro_batch, gradient_accumulation_steps=accumulation,
-                       gradient_checkpointing=checkpointing)
+                       gradient_checkpointing=checkpointing, world_size=world,
+                       effective_batch=micro_batch * accumulation * world)
     estimate = preflight(hardware, shape, plan)
     if estimate is not None:
         run.outputs["estimated_peak_gpu_memory_gb"] = round(estimate.total_gb, 2)
@@ -298,24 +311,30 @@ def run_training(run: Run, trainer, stop) -> dict[str, Any]:
     from app.plots import write_loss_plot
 
     job = run.job
+    trainer.accelerator.wait_for_everyone()  # rank 0 has cleared what a killed run left: all ranks see the same
     resume = job.latest_checkpoint()
     metrics_cb = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "MetricsCallback")
     if resume is not None:
         step = int(resume.name.split("-")[1])
-        metrics_cb.tokens_before = trainer.restore_totals(resume, _truncate_metrics(job.metrics, step))
+        logged = _truncate_metrics(job.metrics, step) if is_main() else 0
+        metrics_cb.tokens_before = trainer.restore_totals(resume, logged)
         log.info("resuming job %s from %s (step %d)", run.job_id, resume.name, step)
-    else:
+    elif is_main():
         job.metrics.unlink(missing_ok=True)
     stop.in_training = True
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.accelerator.wait_for_everyone()  # no rank still reads the staging folder
     except torch.cuda.OutOfMemoryError:
         raise GpuError("CUDA out of memory during training: the preflight estimate was too low for this run. "
                        "Lower FT_PER_DEVICE_TRAIN_BATCH_SIZE (raising FT_GRADIENT_ACCUMULATION_STEPS) or "
                        "FT_MAX_SEQ_LENGTH, or set FT_LOAD_IN_4BIT=true. The last checkpoint is kept.") from None
     finally:
         stop.in_training = False
-        job.clear_staging()
+        if world_size() == 1:
+            job.clear_staging()  # half-written checkpoints never stay behind
+    if world_size() > 1 and is_main():
+        job.clear_staging()  # every rank is past the barrier above (after a failure: the next run's start)
     state = trainer.state
     run.outputs["global_step"] = state.global_step
     if trainer.nonfinite_step is not None:
@@ -427,7 +446,7 @@ def finish(run: Run, metrics: dict[str, Any], artifact: Path) -> dict[str, Any]:
 
         run.finetuned_model_id = push(run.settings, artifact)
     result = run.result("completed")
-    if run.write(result) != run.job.result:  # exit 0 must not leave an older result.json (say, interrupted) behind
+    if run.write(result) != run.job.result and is_main():  # exit 0 must not leave an older result.json (say, interrupted) behind
         raise TrainingError(f"the model is saved at {artifact}, but {run.job.result} cannot be written (see the log "
                             f"above). Free space on FT_OUTPUT_DIR={run.settings.output_dir} and rerun the same command.")
     return result
@@ -460,7 +479,8 @@ def train(run: Run, stop) -> dict[str, Any]:
     open_job(run, prepared.file_hashes)
     if (done := completed_result(run)) is not None:
         return done
-    run.job.clear_temporaries()  # what a killed run left half-written is never loaded
+    if is_main():
+        run.job.clear_temporaries()  # what a killed run left half-written is never loaded
     optimizer = effective_optimizer(run)
     micro_batch, accumulation = plan_memory(run, prepared.model_path, optimizer)
     from app.model_source import fetch_weights
@@ -480,6 +500,8 @@ def train(run: Run, stop) -> dict[str, Any]:
     _mark(run, "trainer")
     with disk_full_fails_training(run):
         metrics = run_training(run, trainer, stop)
+        if not is_main():  # rank 0 alone saves the model and writes the result
+            return run.result("completed")
         artifact = save_model(run, backend, trainer.model, prepared.tokenizer, model_path)
     return finish(run, metrics, artifact)
 

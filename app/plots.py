@@ -24,7 +24,11 @@ def read_metrics(job: JobDir) -> list[dict]:
 
 
 def write_loss_plot(job: JobDir) -> bool:
-    """Write loss.png (atomically); False when there is nothing to plot yet."""
+    """Write loss.png (atomically); False when there is nothing to plot yet (or not rank 0)."""
+    from app.launch import is_main
+
+    if not is_main():
+        return False
     records = read_metrics(job)
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]

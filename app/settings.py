@@ -230,6 +230,12 @@ class Settings(BaseSettings):
             return path.read_text(encoding="utf-8")
         return value
 
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output(cls, value: Path) -> Path:
+        """result.json names the model by path: make it usable from any working directory."""
+        return value.expanduser().absolute()
+
     @field_validator("target_modules")
     @classmethod
     def _modules_nonempty(cls, value: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ from trl import SFTConfig, SFTTrainer
 
 from app import PROCESS_START
 from app.jobdir import JobDir, publish_dir, write_json_atomic
+from app.launch import is_main, world_size
 from app.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class MetricsCallback(TrainerCallback):
     first_step_s: float | None = None  # seconds from process start to the end of the first optimizer step
 
     def _write(self, record: dict[str, Any]) -> None:
+        if not is_main():  # one metrics.jsonl per job: rank 0's
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
@@ -195,6 +198,23 @@ class JobTrainer(SFTTrainer):
         loss = self.loss_before / state.global_step
         return TrainOutput(state.global_step, loss, {"train_loss": loss, "train_runtime": 0.0})
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """transformers maps the optimizer state to `args.device` with several ranks, which on CPU ranks (gloo)
+        is "cpu:0", a location torch.load cannot restore to: map it to "cpu" there. GPUs are unaffected."""
+        if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load = torch.load
+
+        def load_on_cpu(*args, **kwargs):
+            kwargs["map_location"] = "cpu"
+            return load(*args, **kwargs)
+
+        torch.load = load_on_cpu
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            torch.load = load
+
     def _finalize_training(self, trial, num_train_samples, start_time):
         # HF divides this session's loss sum by the global step, which counts earlier sessions too: add theirs.
         self._total_loss_scalar += self.loss_before
@@ -204,7 +224,7 @@ class JobTrainer(SFTTrainer):
         counted = self._total_train_tokens
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._total_train_tokens == counted:  # unsloth's compute_loss replaces TRL's, which counts tokens
-            self._total_train_tokens += _batch_tokens(inputs)
+            self._total_train_tokens += _batch_tokens(inputs) * self.args.world_size  # TRL's count is global
         finite = torch.isfinite(loss.detach()).all()  # stays on the device: no sync per micro-batch
         self._finite = finite if self._finite is None else self._finite & finite
         return loss
@@ -235,8 +255,11 @@ class JobTrainer(SFTTrainer):
             self.nonfinite_step, self.nonfinite_what = self.state.global_step, "LoRA weights"
             self.control.should_training_stop = True
             return
-        shutil.rmtree(self.job.staging / name, ignore_errors=True)
+        if self.args.should_save:
+            shutil.rmtree(self.job.staging / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # no rank writes into a folder rank 0 is still clearing
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is in the folder before it is published
         if not self.args.should_save:
             return
         totals = {"loss_sum": self.loss_before + self._total_loss_scalar + float(self._tr_loss),
@@ -291,4 +314,5 @@ def sft_config(settings, hardware, job: JobDir, backend: str, micro_batch: int, 
         dataloader_num_workers=0,
         dataset_num_proc=None,
         ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if world_size() > 1 and not hardware.cuda else None,  # CPU ranks: gloo; GPUs: NCCL
     )

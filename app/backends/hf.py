@@ -14,7 +14,6 @@ class HfBackend:
     name = "hf"
 
     def load_model(self, settings, model_path: Path, hardware):
-        import torch
         from transformers import AutoModelForCausalLM
 
         kwargs = dict(dtype=hardware.dtype, attn_implementation="sdpa")
@@ -26,7 +25,9 @@ class HfBackend:
                 bnb_4bit_compute_dtype=hardware.dtype,
             )
         if hardware.cuda:
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
+            from app.launch import local_rank
+
+            kwargs["device_map"] = {"": local_rank()}  # each data-parallel rank holds a whole copy on its GPU
         model = AutoModelForCausalLM.from_pretrained(model_path, token=_token(settings), **kwargs)
         model.config.use_cache = False
         return model

@@ -20,6 +20,7 @@ import unsloth  # noqa: E402,F401  (must precede transformers/peft/trl)
 from unsloth import FastLanguageModel  # noqa: E402
 
 from app.errors import SettingsError  # noqa: E402
+from app.launch import local_rank, world_size  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class UnslothBackend:
             use_gradient_checkpointing="unsloth" if hardware.gradient_checkpointing else False,
             random_state=settings.seed,
             use_exact_model_name=True,  # a local path or the id as given: never swap in a pre-quantized repo
+            **({"device_map": {"": local_rank()}} if world_size() > 1 else {}),  # one whole copy per rank
         )
         return model
 
