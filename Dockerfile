@@ -56,8 +56,11 @@ WORKDIR /app
 #
 # Then the build-time check: every pin of requirements/gpu.txt is what got installed, torch is the CUDA 13.0
 # build, and no installed wheel was built for another CUDA (a +cu12x torchvision would fail on the GPU).
+# unsloth declares xformers on Linux; PyPI's xformers is built for another torch/CUDA and the GPU set was
+# verified without it (unsloth then uses PyTorch's SDPA): it is removed again, and its absence checked.
 COPY requirements/gpu.txt requirements/gpu.txt
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cu130 -r requirements/gpu.txt \
+    && pip uninstall -y xformers \
     && python -c 'import importlib.metadata as md, re, torch; \
 pins = dict(re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line).groups() for line in open("requirements/gpu.txt") if re.match(r"[A-Za-z0-9_.-]+==", line)); \
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower(); \
@@ -69,6 +72,7 @@ assert torch.__version__ == want, "torch %s is not the pinned build %s" % (torch
 assert (torch.version.cuda or "").startswith("13.0"), "torch was built for CUDA %s, not 13.0" % torch.version.cuda; \
 other = sorted("%s==%s" % (d.name, d.version) for d in md.distributions() if re.search(r"[+]cu(?!130)[0-9]+", d.version)); \
 assert not other, "wheels built for another CUDA: %s" % other; \
+assert "xformers" not in installed, "xformers is installed: the GPU set was verified without it"; \
 print("ok: torch %s (CUDA %s), %d pins as in requirements/gpu.txt" % (torch.__version__, torch.version.cuda, len(pins)))'
 
 # The tiny smoke model (`python -m app.devmodel`: a tokenizer trained on data/sample, random weights; no

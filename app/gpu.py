@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +216,6 @@ class Estimate:
     activations_gb: float
     logits_gb: float
     overhead_gb: float
-    parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_gb(self) -> float:

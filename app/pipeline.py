@@ -26,10 +26,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from app.data import Conversation, file_sha256, load_conversations
+from app.data import file_sha256, load_conversations
 from app.errors import DataError, GpuError, Interrupted, JobError, SettingsError, TrainingError
 from app.formatting import (
-    DatasetStats,
     Formatter,
     apply_inoculation,
     encode_all,
@@ -101,8 +100,6 @@ class Prepared:
     train_dataset: Any
     eval_dataset: Any
     file_hashes: dict[str, str]
-    train_stats: DatasetStats
-    conversations: list[Conversation]
 
 
 # --- steps 1 and 4: data, before any weight -----------------------------------------------------------------
@@ -159,7 +156,7 @@ def prepare_data(run: Run) -> Prepared:
         eval_dataset = to_dataset(encode_all(eval_formatter, test))
         log_stats("test data", eval_formatter.stats, settings.max_seq_length)
         run.data["test"] = eval_formatter.stats.as_dict()
-    return Prepared(model_path, tokenizer, train_dataset, eval_dataset, hashes, formatter.stats, conversations)
+    return Prepared(model_path, tokenizer, train_dataset, eval_dataset, hashes)
 
 
 # --- the job directory ------------------------------------------------------------------------------------------
@@ -527,8 +524,9 @@ def check(run: Run) -> dict[str, Any]:
     }
 
 
-def preview(run: Run, count: int) -> list[dict[str, Any]]:
-    """The first `count` rows exactly as the trainer receives them (packed when FT_PACKING=true)."""
+def preview(run: Run, count: int) -> tuple[list[dict[str, Any]], Any]:
+    """The first `count` rows exactly as the trainer receives them (packed when FT_PACKING=true), and the
+    tokenizer that decodes them."""
     prepared = prepare_data(run)
     dataset = prepared.train_dataset
     if run.settings.packing:

@@ -77,7 +77,7 @@ def main() -> None:
             "checkpointing": args.checkpointing, "micro_batch": batch, "seq": args.seq,
             "after_load_gb": round(loaded / 2**30, 3), "load_peak_gb": round(load_peak / 2**30, 3),
             "after_lora_gb": round(with_lora / 2**30, 3), "measured_peak_gb": round(peak / 2**30, 3),
-            "estimate_gb": round(estimate.total_gb, 3), "estimate": {k: round(v, 3) for k, v in asdict(estimate).items() if k != "parts"},
+            "estimate_gb": round(estimate.total_gb, 3), "estimate": {k: round(v, 3) for k, v in asdict(estimate).items()},
         }
         print("PROBE " + json.dumps(record), flush=True)
         del trainer
