@@ -430,3 +430,11 @@ def test_entrypoint_forwards_a_signal_to_the_job_once(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_example_env_documents_every_setting():
+    from app.settings import env_names
+
+    text = (ROOT / "env" / "example.env").read_text()
+    missing = [name for name in env_names() if f"{name}=" not in text]
+    assert not missing, f"env/example.env lacks {missing}"
