@@ -418,7 +418,7 @@ def save_model(run: Run, backend, model, tokenizer, model_path: Path) -> Path:
         )
     tmp = job.root / f".merged.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    backend.save_merged(model, tokenizer, settings, model_path, run.hardware, tmp)
+    backend.save_merged(model, tokenizer, settings, model_path, run.hardware, tmp, job.adapter)
     publish_dir(tmp, job.merged)
     return job.merged
 

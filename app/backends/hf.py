@@ -50,19 +50,15 @@ class HfBackend:
                 raise SettingsError([f"FT_TARGET_MODULES={','.join(settings.target_modules)}: {err}"]) from None
             raise
 
-    def save_merged(self, model, tokenizer, settings, model_path: Path, hardware, out_dir: Path) -> None:
-        """Merge LoRA into 16-bit base weights. A 4-bit base is reloaded in 16 bits first: merging into
-        NF4 weights would round the update away."""
+    def save_merged(self, model, tokenizer, settings, model_path: Path, hardware, out_dir: Path,
+                    adapter_dir: Path) -> None:
+        """Merge LoRA into 16-bit base weights. A 4-bit base is reloaded in 16 bits (on the CPU, beside the
+        GPU copy the trainer still holds) with the saved adapter: merging into NF4 weights would round the
+        update away."""
         if settings.load_in_4bit:
-            import torch
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            adapter_dir = out_dir.with_name(out_dir.name + "-adapter")
-            model.save_pretrained(adapter_dir)
-            del model
-            if hardware.cuda:
-                torch.cuda.empty_cache()
             base = AutoModelForCausalLM.from_pretrained(model_path, dtype=hardware.save_dtype, token=_token(settings))
             model = PeftModel.from_pretrained(base, adapter_dir)
         merged = model.merge_and_unload()

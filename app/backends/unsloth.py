@@ -62,7 +62,8 @@ class UnslothBackend:
                 raise SettingsError([f"FT_TARGET_MODULES={','.join(settings.target_modules)}: {err}"]) from None
             raise
 
-    def save_merged(self, model, tokenizer, settings, model_path: Path, hardware, out_dir: Path) -> None:
+    def save_merged(self, model, tokenizer, settings, model_path: Path, hardware, out_dir: Path,
+                    adapter_dir: Path) -> None:
         """merged_16bit: unsloth dequantizes a 4-bit base from the original weights before merging."""
         model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
 
