@@ -17,7 +17,9 @@ What it does, in order (progress on stderr; the table is printed last on stdout)
   5. after every run rewrites DIR/results.json and DIR/table.md (a call cut short still leaves the rows so far)
 
 Paths: `job` (the job's default: auto micro-batch, same effective batch), `job-fixed` (the job at the baseline's
-micro-batch and accumulation: the memory criterion compares at the same micro-batch), `baseline`.
+micro-batch and accumulation: the memory criterion compares at the same micro-batch), `job-hf` (the job's default
+with FT_BACKEND=hf: transformers + PEFT inside the job), `baseline`, and `baseline-noupcast` (4-bit: the baseline
+without prepare_model_for_kbit_training's float32 cast of the non-quantised weights; a loss-parity diagnostic).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from bench.table import ratios, render
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = ["qwen2-7b", "qwen2-0.5b", "small", "tiny"]
 MODES = ["bf16", "4bit"]
-PATHS = ["job", "job-fixed", "baseline"]
+PATHS = ["job", "job-fixed", "job-hf", "baseline", "baseline-noupcast"]
 LORA_R = 16
 MIN_RUN_S = 60  # a run is not started with less of the --budget left than this
 BUILD_TIMEOUT_S = 900  # one model folder (7B: random init on the GPU + ~15 GB of safetensors)
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", type=_csv(SHAPES), default=["qwen2-7b", "qwen2-0.5b"],
                    help="model shapes, run in this order (default: qwen2-7b,qwen2-0.5b: the acceptance shape first)")
     p.add_argument("--modes", type=_csv(MODES), default=["bf16", "4bit"], help="bf16 LoRA and/or 4-bit QLoRA")
-    p.add_argument("--paths", type=_csv(PATHS), default=["job", "baseline"], help="job, job-fixed, baseline")
+    p.add_argument("--paths", type=_csv(PATHS), default=["job", "baseline"], help=", ".join(PATHS))
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps before the timed window (>= 1)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps in the timed window")
     p.add_argument("--micro-batch", type=int, default=2, help="baseline rows per micro-batch (B)")
@@ -184,12 +186,15 @@ def build_data(args: argparse.Namespace, data_path: Path, model: Path):
 
 def worker_cmd(args: argparse.Namespace, path: str, mode: str, model: Path, data: Path, out_json: Path,
                keep_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "bench.worker", "--path", "baseline" if path == "baseline" else "job",
+    baseline = path.startswith("baseline")
+    cmd = [sys.executable, "-m", "bench.worker", "--path", "baseline" if baseline else "job",
            "--model", str(model), "--mode", mode, "--data", str(data), "--seq", str(args.seq),
            "--micro-batch", str(args.micro_batch), "--accum", str(args.accum), "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--out", str(out_json), "--seed", str(args.seed)]
-    if path != "baseline":
-        cmd += ["--job-backend", args.job_backend, "--keep-dir", str(keep_dir),
+    if path == "baseline-noupcast":
+        cmd += ["--no-kbit-upcast"]
+    if not baseline:
+        cmd += ["--job-backend", "hf" if path == "job-hf" else args.job_backend, "--keep-dir", str(keep_dir),
                 "--job-checkpointing", args.job_checkpointing]
         micro = args.micro_batch if path == "job-fixed" else args.job_micro_batch
         if micro:

@@ -11,7 +11,7 @@ from typing import Any
 
 COLUMNS = [
     "shape", "mode", "path", "micro x accum (eff.)", "tok/step", "tok/s", "vs baseline", "MFU meas. / sheet",
-    "peak GiB (est.)", "mem vs baseline", "load s", "1st step s", "loss 1st -> last",
+    "peak GiB (est.)", "mem vs baseline", "load s", "1st step s", "loss 1st -> last (vs baseline)",
 ]
 
 
@@ -32,18 +32,21 @@ def ratios(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """tokens/s and peak-memory ratios of a job row against its baseline (None where not comparable)."""
     base = baseline_of(row, rows)
     if row["path"] == "baseline" or base is None or row.get("status") != "ok":
-        return {"speedup": None, "memory_ratio": None, "same_micro_batch": None}
+        return {"speedup": None, "memory_ratio": None, "same_micro_batch": None, "loss_delta": None}
     speed = (row["tokens_per_second"] / base["tokens_per_second"]
              if row.get("tokens_per_second") and base.get("tokens_per_second") else None)
     memory = (row["peak_memory_gib"] / base["peak_memory_gib"]
               if row.get("peak_memory_gib") and base.get("peak_memory_gib") else None)
+    same_steps = row.get("measured_steps") == base.get("measured_steps") and row.get("warmup") == base.get("warmup")
+    loss_delta = (row["loss_last"] - base["loss_last"]
+                  if same_steps and row.get("loss_last") is not None and base.get("loss_last") is not None else None)
     return {"speedup": speed, "memory_ratio": memory,
-            "same_micro_batch": row.get("micro_batch") == base.get("micro_batch")}
+            "same_micro_batch": row.get("micro_batch") == base.get("micro_batch"), "loss_delta": loss_delta}
 
 
 def _path_cell(row: dict[str, Any]) -> str:
-    if row["path"] == "baseline":
-        return "baseline"
+    if row["path"].startswith("baseline"):
+        return row["path"]
     backend = f" ({row['backend']})" if row.get("backend") else ""
     return f"{row['path']}{backend}"
 
@@ -76,7 +79,8 @@ def _cells(row: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
         memory,
         _num(row.get("load_s"), "{:.1f}"),
         _num(row.get("first_step_s"), "{:.1f}"),
-        f"{_num(row.get('loss_first'), '{:.4f}')} -> {_num(row.get('loss_last'), '{:.4f}')}",
+        f"{_num(row.get('loss_first'), '{:.4f}')} -> {_num(row.get('loss_last'), '{:.4f}')}"
+        + (f" ({r['loss_delta']:+.4f})" if r["loss_delta"] is not None else ""),
     ]
 
 

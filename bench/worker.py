@@ -7,6 +7,9 @@ Paths:
   baseline   plain transformers + PEFT + TRL SFTTrainer, written here as a careful user would: SDPA attention,
              bitsandbytes NF4 (double quantisation) for 4-bit with prepare_model_for_kbit_training, non-reentrant
              gradient checkpointing, adamw_8bit, LoRA r 16 on the seven projections, rsLoRA, BFD packing.
+  baseline with --no-kbit-upcast (4-bit only): the same, but without prepare_model_for_kbit_training's cast of
+             every non-quantised weight (embeddings, norms, lm_head) to float32, so the residual stream stays in
+             bf16 as in the bf16 runs and in unsloth; a diagnostic for loss parity, not the speed baseline.
   job        the job's default path exactly as users run it: `python -m app train` with FT_* settings
              (FT_PER_DEVICE_TRAIN_BATCH_SIZE=auto keeps the effective batch; --job-micro-batch fixes it).
 
@@ -132,9 +135,12 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
-    if args.mode == "4bit":
+    if args.mode == "4bit" and args.kbit_upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif args.mode == "4bit":  # prepare_model_for_kbit_training less its float32 cast (SFTTrainer enables checkpointing)
+        for param in model.parameters():
+            param.requires_grad_(False)
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=PROJECTIONS,
                       use_rslora=True, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -185,6 +191,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     steps = recorder.steps
     result: dict[str, Any] = {
         "backend": "transformers+peft+trl", "device": "cuda" if cuda else "cpu",
+        "kbit_upcast": bool(args.mode == "4bit" and args.kbit_upcast),
         "dtype": "bfloat16" if cuda else "float32", "optimizer": config.optim,
         "gradient_checkpointing": bool(cuda), "micro_batch": args.micro_batch, "accumulation": args.accum,
         "load_s": round(load_s, 2), "first_step_s": round(steps[0]["t"], 2) if steps else None, "steps": steps,
@@ -307,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job-backend", default="auto", choices=["auto", "unsloth", "hf"], help="job: FT_BACKEND")
     parser.add_argument("--job-checkpointing", default="auto", choices=["auto", "true", "false"],
                         help="job: FT_GRADIENT_CHECKPOINTING")
+    parser.add_argument("--kbit-upcast", action=argparse.BooleanOptionalAction, default=True,
+                        help="baseline, 4-bit: prepare_model_for_kbit_training's float32 cast of non-quantised weights")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of both paths (LoRA init, data order)")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before the timed window (>= 1)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps in the timed window")

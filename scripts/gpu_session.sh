@@ -8,7 +8,8 @@
 # Phases: env (versions, nvidia-smi) · tests (make test-gpu) · probe (memory at several micro-batches,
 # 0.5B) · bench05, bench7-4bit, bench7-bf16, bench7-bf16-fixed (bench/run.py tables on the Qwen2-0.5B /
 # Qwen2-7B shapes, split to fit 10-minute calls) · refuse (7B 16-bit with a far too large micro-batch on a
-# partly filled card: exit 3 + a suggestion that fits).
+# partly filled card: exit 3 + a suggestion that fits) · bench7-4bit-parity (4-bit loss parity: the job, the
+# baseline with and without PEFT's float32 upcast, the job's hf backend; 12 steps) · importtime, importprof.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -54,7 +55,8 @@ EOF
 }
 
 phase_tests() {  # phase_tests [PYTEST-ARGS...]: all GPU tests, or a selection (-k ...)
-  timeout 420 python3 -m pytest -q -m gpu -rs -s --durations=8 tests/test_gpu.py --junitxml="$OUT/gpu-tests.xml" \
+  timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -m gpu -rs -s --durations=20 tests/test_gpu.py \
+    --junitxml="$OUT/gpu-tests.xml" \
     "${TEST_ARGS[@]}" >"$OUT/gpu-tests.log" 2>&1
   note "tests: exit $? :: $(tail -1 "$OUT/gpu-tests.log") ($(elapsed) s)"
   grep -E "estimate|unsloth loss|startup|PASSED|FAILED|ERROR|^[0-9.]+s (call|setup)" "$OUT/gpu-tests.log" | head -40 >>"$SUMMARY"
@@ -121,6 +123,42 @@ phase_refuse() {
   wait "$filler" 2>/dev/null
 }
 
+phase_probe_hf() {  # the hf backend's peaks (its Profile), 0.5B at 1/2/4 and 7B at 1/2, bf16 and 4-bit
+  local m05 m7 mode ckpt
+  m05=$(model qwen2-0.5b)
+  for mode in bf16 4bit; do
+    for ckpt in off on; do
+      timeout 120 python3 scripts/gpu_memory_probe.py --backend hf --model "$m05" --mode "$mode" \
+        --checkpointing "$ckpt" --batches 1,2,4 >>"$OUT/probe-hf.log" 2>&1
+    done
+  done
+  m7=$(model qwen2-7b)
+  timeout 120 python3 scripts/gpu_memory_probe.py --backend hf --model "$m7" --mode 4bit --checkpointing off \
+    --batches 1,2 >>"$OUT/probe-hf.log" 2>&1
+  timeout 120 python3 scripts/gpu_memory_probe.py --backend hf --model "$m7" --mode 4bit --checkpointing on \
+    --batches 2,4 >>"$OUT/probe-hf.log" 2>&1
+  timeout 120 python3 scripts/gpu_memory_probe.py --backend hf --model "$m7" --mode bf16 --checkpointing off \
+    --batches 1,2 >>"$OUT/probe-hf.log" 2>&1
+  grep '^PROBE' "$OUT/probe-hf.log" | sed 's/^PROBE //' >"$OUT/probe-hf.jsonl"
+  note "probe-hf: $(wc -l <"$OUT/probe-hf.jsonl") measurements ($(elapsed) s)"
+  python3 - "$OUT/probe-hf.jsonl" <<'EOF' | tee -a "$SUMMARY"
+import json, sys
+print("| model | mode | ckpt | micro-batch | after load GiB | measured GiB | estimate GiB | error |")
+print("|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    err = (r["estimate_gb"] - r["measured_peak_gb"]) / r["measured_peak_gb"]
+    print(f"| {r['model']} | {r['mode']} | {r['checkpointing']} | {r['micro_batch']} | {r['after_load_gb']:.2f} | "
+          f"{r['measured_peak_gb']:.2f} | {r['estimate_gb']:.2f} | {err:+.0%} |")
+EOF
+}
+
+phase_importprof() {  # where `import unsloth` spends its time, by function (cumulative)
+  python3 -c "import cProfile, pstats; cProfile.run('import unsloth', '/tmp/import.prof'); \
+pstats.Stats('/tmp/import.prof').sort_stats('cumulative').print_stats(80)" >"$OUT/importprof.txt" 2>&1
+  note "import unsloth profile: $(grep -m1 'function calls' "$OUT/importprof.txt")"
+}
+
 phase_importtime() {
   python3 -X importtime -c "import unsloth" 2>"$OUT/importtime.txt" >/dev/null
   note "import unsloth, top cumulative (us):"
@@ -147,8 +185,16 @@ for phase in "$@"; do
       --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak --job-checkpointing true ;;
     bench7-4bit-seed1) phase_bench bench-7b-4bit-seed1 qwen2-7b 150 --modes 4bit --paths job,baseline \
       --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak --seed 1 ;;
+    bench7-4bit-parity) phase_bench bench-7b-4bit-parity qwen2-7b 470 --modes 4bit \
+      --paths job,baseline-noupcast,baseline,job-hf --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
+    bench7-hf) phase_bench bench-7b-4bit-hf qwen2-7b 330 --modes 4bit --paths job-hf,baseline \
+      --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
+    bench7-bf16-mb2) phase_bench bench-7b-bf16-mb2 qwen2-7b 120 --modes bf16 --paths job-fixed \
+      --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak ;;
     refuse) phase_refuse ;;
     importtime) phase_importtime ;;
+    importprof) phase_importprof ;;
+    probe-hf) phase_probe_hf ;;
     bench05-bf16) phase_bench bench-0.5b-bf16 qwen2-0.5b 110 --modes bf16 --paths job,baseline \
       --warmup 2 --steps 6 --micro-batch 2 --accum 4 --no-peak ;;
     *) echo "unknown phase $phase" ;;
