@@ -207,6 +207,7 @@ class Plan:
     optimizer_8bit: bool
     gradient_checkpointing: bool = True
     backend: str = "unsloth"
+    packed: bool = False  # FT_PACKING: a micro-batch is one flattened sequence of micro_batch x seq_len tokens
 
 
 @dataclass
@@ -224,9 +225,10 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Profile:
-    """How a backend spends activation memory. The unsloth coefficients are fitted to peaks measured on an
-    H100 (torch.cuda.max_memory_allocated, Qwen2-0.5B shape, micro-batch 1/2/4 x 2048, 2026-11-25; see
-    docs/BENCHMARKS.md, "Memory estimate"); hf's are structural (the tensors PyTorch saves for backward)."""
+    """How a backend spends activation memory. Both are fitted to peaks measured on an H100
+    (torch.cuda.max_memory_allocated, packed rows of 2048, 2026-11-25; docs/BENCHMARKS.md, "Memory estimate"):
+    unsloth's to the Qwen2-0.5B shape at micro-batch 1/2/4, hf's to Qwen2-0.5B at 1/2/4 and Qwen2-7B at 1/2/4,
+    bf16 and 4-bit, checkpointing on and off (18 probes, all within -3%/+13%, the 7B ones within 3%)."""
 
     layer_bytes: tuple[float, float, float]  # saved bytes per token per layer = a*hidden + b*kv + c*intermediate
     scale_4bit: float  # activations of a 4-bit base relative to a 16-bit one
@@ -235,12 +237,17 @@ class Profile:
     logits_bytes: float  # bytes per token per vocabulary entry alive at the peak
     logits_tokens_cap: int | None  # a chunked/fused cross-entropy holds at most this many tokens' logits
     fp32_embeddings_4bit: bool  # PEFT's prepare_model_for_kbit_training upcasts embeddings/LM head to fp32
+    # ... and with them the residual stream: layer inputs kept by checkpointing are fp32 on a 4-bit base
+    mask_bytes: float = 0.0  # per layer, per element of the (tokens x tokens) attention mask SDPA is given
 
 
 PROFILES = {
-    # transformers + PEFT: SDPA, TRL's chunked NLL (256-token chunks of fp32 logits and their gradients).
-    "hf": Profile(layer_bytes=(16.0, 4.0, 6.0), scale_4bit=1.0, checkpoint_keeps_inputs=True, recompute_fraction=1.0,
-                  logits_bytes=12.0, logits_tokens_cap=768, fp32_embeddings_4bit=True),
+    # transformers + PEFT: SDPA, TRL's chunked cross-entropy. Measured: 66 KB per token per layer in bf16
+    # (0.5B), x1.46 on a 4-bit base (PEFT's k-bit preparation makes the residual stream fp32), 0.57 GiB of
+    # cross-entropy workspace, and a term quadratic in the tokens of a micro-batch: padding-free packing hands
+    # SDPA a block-diagonal mask over the flattened micro-batch, which every layer keeps for backward.
+    "hf": Profile(layer_bytes=(24.0, 6.0, 9.0), scale_4bit=1.46, checkpoint_keeps_inputs=True, recompute_fraction=1.0,
+                  logits_bytes=12.0, logits_tokens_cap=336, fp32_embeddings_4bit=True, mask_bytes=1.5),
     # unsloth: fused RMSNorm/RoPE/SwiGLU kernels, offloaded checkpoints, fused cross-entropy. Measured: 35.9 KB
     # per token per layer in bf16 (Qwen2-0.5B), 32.4 KB on a 4-bit base, 0.37 GiB of cross-entropy workspace.
     "unsloth": Profile(layer_bytes=(16.0, 0.0, 4.43), scale_4bit=0.90, checkpoint_keeps_inputs=False,
@@ -254,9 +261,10 @@ def estimate_peak(shape: Shape, plan: Plan) -> Estimate:
     weights      16-bit: 2 bytes/param; NF4: 0.5 byte + double-quantised absmax (~0.127 bit) per linear
                  weight, embeddings and LM head in 16 bits (32 after PEFT's k-bit preparation)
     LoRA         r x (in + out) per adapted projection, fp32: weight 4 + grad 4 + Adam 8 (8-bit Adam: 2)
-    activations  not checkpointed: every layer's saved tensors (Profile.layer_bytes per token per layer);
-                 checkpointed: each layer's input (b x s x h x 2 bytes, unless offloaded to the CPU) + the
-                 part of one layer that is recomputed at a time
+    activations  not checkpointed: every layer's saved tensors (Profile.layer_bytes per token per layer,
+                 plus Profile.mask_bytes per attention-mask element: (b x s)^2 packed, b x s^2 padded);
+                 checkpointed: each layer's input (b x s x h x 2 bytes, 4 in an fp32 residual stream, none
+                 when offloaded to the CPU) + the part of one layer that is recomputed at a time
     logits       the LM head's output over the vocabulary that is alive at once (chunked or fused CE)
     """
     profile = PROFILES.get(plan.backend, PROFILES["hf"])
@@ -273,11 +281,14 @@ def estimate_peak(shape: Shape, plan: Plan) -> Estimate:
     lora = lora_params * (4 + 4 + (2 if plan.optimizer_8bit else 8))
     a, b, c = profile.layer_bytes
     per_layer = (a * shape.hidden + b * kv + c * shape.intermediate) * (profile.scale_4bit if plan.load_in_4bit else 1)
+    mask_elements = tokens * tokens if plan.packed else plan.micro_batch * plan.seq_len**2
+    per_layer_total = tokens * per_layer + profile.mask_bytes * mask_elements
     if plan.gradient_checkpointing:
-        kept = shape.layers * 2 * shape.hidden if profile.checkpoint_keeps_inputs else 0
-        activations = tokens * (kept + profile.recompute_fraction * per_layer)
+        residual_bytes = 4 if plan.load_in_4bit and profile.fp32_embeddings_4bit else 2
+        kept = tokens * shape.layers * residual_bytes * shape.hidden if profile.checkpoint_keeps_inputs else 0
+        activations = kept + profile.recompute_fraction * per_layer_total
     else:
-        activations = tokens * shape.layers * per_layer
+        activations = shape.layers * per_layer_total
     logit_tokens = min(tokens, profile.logits_tokens_cap or tokens)
     logits = logit_tokens * shape.vocab * profile.logits_bytes
     overhead = 0.05 * GIB + 0.02 * weights  # cuBLAS/attention workspaces and allocator rounding

@@ -242,7 +242,8 @@ def plan_memory(run: Run, model_path: Path, optimizer: str) -> tuple[int, int]:
     plan = Plan(micro_batch=OW_DEFAULT_MICRO_BATCH if micro_batch == "auto" else micro_batch,
                 seq_len=settings.max_seq_length, load_in_4bit=settings.load_in_4bit, r=settings.r,
                 target_modules=tuple(settings.target_modules), optimizer_8bit="8bit" in optimizer,
-                gradient_checkpointing=hardware.gradient_checkpointing, backend=run.backend)
+                gradient_checkpointing=hardware.gradient_checkpointing, backend=run.backend,
+                packed=settings.packing)
     measurable = hardware.cuda and shape is not None
     forced = settings.gradient_checkpointing  # "auto", True or False
     checkpointing = hardware.gradient_checkpointing if forced == "auto" else forced

@@ -18,10 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-try:
-    import unsloth  # noqa: F401  (first, as in the job)
-except ImportError:
-    pass
+HF = "--backend" in sys.argv and sys.argv[sys.argv.index("--backend") + 1:][:1] == ["hf"]
+if not HF:  # unsloth first, as in the job; never for the hf backend, which the job runs without it
+    try:
+        import unsloth  # noqa: F401
+    except ImportError:
+        pass
 import torch  # noqa: E402
 
 from app.backends import select_backend  # noqa: E402
@@ -62,7 +64,7 @@ def main() -> None:
     with_lora = torch.cuda.memory_allocated()
     base_plan = Plan(micro_batch=1, seq_len=args.seq, load_in_4bit=args.mode == "4bit", r=16,
                      target_modules=tuple(run.settings.target_modules), optimizer_8bit=True,
-                     gradient_checkpointing=run.hardware.gradient_checkpointing, backend=run.backend)
+                     gradient_checkpointing=run.hardware.gradient_checkpointing, backend=run.backend, packed=True)
     for batch in batches:
         gc.collect()
         torch.cuda.empty_cache()

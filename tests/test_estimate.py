@@ -1,0 +1,70 @@
+"""The preflight's memory estimate (app/gpu.py) against peaks measured on an H100.
+
+tests/memory_measurements.jsonl holds every peak (torch.cuda.max_memory_allocated, packed rows) measured on
+the lent H100 on 2026-11-25, each with where it came from: the memory probes of both backends, the GPU tests
+and the benchmark tables (docs/BENCHMARKS.md, "Memory estimate"). The estimate is computed here from the same
+architecture (app.devmodel's shapes) without a GPU, so a change to the coefficients that stops matching what
+the card measured fails on every machine, not only on the next GPU session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.devmodel import SHAPES
+from app.gpu import HEADROOM, Plan, Shape, auto_micro_batch, estimate_peak
+
+MEASUREMENTS = [json.loads(line) for line in (Path(__file__).parent / "memory_measurements.jsonl").open()]
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+H100_FREE_GIB = 79.2  # what NVML reported free on the lent H100
+
+
+def shape(name: str) -> Shape:
+    return Shape.from_config({**SHAPES[name], "model_type": "qwen2"})
+
+
+def plan(m: dict, **changes) -> Plan:
+    values = dict(micro_batch=m["micro_batch"], seq_len=m["seq"], load_in_4bit=m["mode"] == "4bit", r=16,
+                  target_modules=PROJECTIONS, optimizer_8bit=True, gradient_checkpointing=m["checkpointing"],
+                  backend=m["backend"], packed=m["packed"])
+    return Plan(**{**values, **changes})
+
+
+def _id(m: dict) -> str:
+    return f"{m['backend']}-{m['shape']}-{m['mode']}-mb{m['micro_batch']}x{m['seq']}-{'ckpt' if m['checkpointing'] else 'nockpt'}"
+
+
+@pytest.mark.parametrize("m", MEASUREMENTS, ids=[_id(m) for m in MEASUREMENTS])
+def test_estimate_matches_the_measured_peak(m):
+    """Within -8%/+15% everywhere (a small overestimate is the safe side), within 6% on the 7B shape."""
+    estimate = estimate_peak(shape(m["shape"]), plan(m)).total_gb
+    error = (estimate - m["measured_gib"]) / m["measured_gib"]
+    low, high = (-0.06, 0.06) if m["shape"] == "qwen2-7b" else (-0.08, 0.15)
+    assert low <= error <= high, f"estimate {estimate:.2f} GiB vs measured {m['measured_gib']} ({error:+.1%}; {m['source']})"
+
+
+def test_the_hf_run_that_ran_out_of_memory_is_not_planned_again():
+    """7B 4-bit, hf backend, effective batch 8 on a free H100: with the old structural coefficients 'auto'
+    chose micro-batch 4 without checkpointing (estimate 46 GiB) and the run hit CUDA OOM (2026-11-25 12:28
+    UTC). Now that plan must not fit, and 'auto' must pick micro-batch 2, measured at 48.1 GiB."""
+    qwen7b = shape("qwen2-7b")
+    oom = Plan(micro_batch=4, seq_len=2048, load_in_4bit=True, r=16, target_modules=PROJECTIONS,
+               optimizer_8bit=True, gradient_checkpointing=False, backend="hf", packed=True)
+    assert estimate_peak(qwen7b, oom).total_gb > H100_FREE_GIB
+    assert auto_micro_batch(qwen7b, oom, H100_FREE_GIB, effective=8) == (2, False)
+    assert estimate_peak(qwen7b, Plan(**{**oom.__dict__, "micro_batch": 2})).total_gb <= H100_FREE_GIB * HEADROOM
+
+
+def test_packing_costs_the_hf_backend_a_mask_quadratic_in_the_micro_batch():
+    """Padding-free packing gives SDPA one block-diagonal mask over the whole flattened micro-batch:
+    doubling the micro-batch more than doubles the activations; unsloth's varlen attention has no such term."""
+    qwen05 = shape("qwen2-0.5b")
+    base = dict(seq_len=2048, load_in_4bit=False, r=16, target_modules=PROJECTIONS, optimizer_8bit=True,
+                gradient_checkpointing=False, packed=True)
+    hf = [estimate_peak(qwen05, Plan(micro_batch=b, backend="hf", **base)).activations_gb for b in (2, 4)]
+    fast = [estimate_peak(qwen05, Plan(micro_batch=b, backend="unsloth", **base)).activations_gb for b in (2, 4)]
+    assert hf[1] > 2.05 * hf[0]
+    assert fast[1] == pytest.approx(2 * fast[0])
