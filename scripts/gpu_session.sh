@@ -159,6 +159,22 @@ pstats.Stats('/tmp/import.prof').sort_stats('cumulative').print_stats(80)" >"$OU
   note "import unsloth profile: $(grep -m1 'function calls' "$OUT/importprof.txt")"
 }
 
+phase_ttfs() {  # time to first step across a sweep: the same 0.5B job 3 times, kernel caches kept as in the image
+  local m i dir
+  m=$(model qwen2-0.5b)
+  rm -rf /tmp/ttfs
+  for i in 1 2 3; do
+    dir=/tmp/ttfs/out$i
+    # Runs 1-2: Triton/Inductor caches persist (the image's /cache volume), unsloth's generated modules do not
+    # (per-container /tmp). Run 3 also keeps unsloth's modules from run 2.
+    env TRITON_CACHE_DIR=/tmp/ttfs/triton TORCHINDUCTOR_CACHE_DIR=/tmp/ttfs/inductor \
+      UNSLOTH_COMPILE_LOCATION=/tmp/ttfs/unsloth$([ "$i" = 3 ] && echo 2 || echo "$i") \
+      FT_MODEL="$m" FT_TRAINING_FILE=data/sample/train.jsonl FT_OUTPUT_DIR="$dir" FT_PACKING=true \
+      FT_MAX_SEQ_LENGTH=2048 FT_MAX_STEPS=3 timeout 240 python3 -m app train >"$OUT/ttfs-$i.log" 2>&1
+    note "ttfs run $i: exit $? :: $(python3 -c "import json, glob; o = json.load(open(glob.glob('$dir/result.json')[0]))['outputs']; print('startup', o.get('startup_s'), 'first step', o.get('time_to_first_step_s'))" 2>&1)"
+  done
+}
+
 phase_importtime() {
   python3 -X importtime -c "import unsloth" 2>"$OUT/importtime.txt" >/dev/null
   note "import unsloth, top cumulative (us):"
@@ -191,9 +207,12 @@ for phase in "$@"; do
       --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
     bench7-bf16-mb2) phase_bench bench-7b-bf16-mb2 qwen2-7b 120 --modes bf16 --paths job-fixed \
       --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak ;;
+    bench7-4bit-parity-seed1) phase_bench bench-7b-4bit-parity-seed1 qwen2-7b 420 --modes 4bit \
+      --paths job,baseline-noupcast,baseline --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak --seed 1 ;;
     refuse) phase_refuse ;;
     importtime) phase_importtime ;;
     importprof) phase_importprof ;;
+    ttfs) phase_ttfs ;;
     probe-hf) phase_probe_hf ;;
     bench05-bf16) phase_bench bench-0.5b-bf16 qwen2-0.5b 110 --modes bf16 --paths job,baseline \
       --warmup 2 --steps 6 --micro-batch 2 --accum 4 --no-peak ;;

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,51 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(qwen05, tmp_path, monke
     assert run_cli(monkeypatch, {**env, "FT_PER_DEVICE_TRAIN_BATCH_SIZE": suggestion}, "check") == 0
     summary = json.loads(capfd.readouterr().out)  # stdout is check's JSON alone (unsloth's banners go to stderr)
     assert 0 < summary["estimated_peak_gpu_memory_gb"] <= summary["gpu"]["memory_free_gb"]
+
+
+def test_sigterm_then_rerun_under_unsloth_continues_the_uninterrupted_run(small_model, tmp_path):
+    """Preemption on the GPU path: SIGTERM mid-run -> checkpoint + exit 75; the rerun resumes from it (unsloth's
+    patched trainer, 8-bit Adam state, CUDA RNG for dropout) and ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    from tests.test_resume import GRACE_S, RESUME, Job, _assert_checkpoint_is_resumable, _job_dir
+
+    def env(output: Path) -> dict[str, str]:
+        return smoke_env(small_model, output, optim="adamw_8bit", **RESUME)
+
+    offline = {"HF_HUB_OFFLINE": "1"}
+    reference = tmp_path / "reference"
+    job = Job(env(reference), tmp_path / "reference.log", offline)
+    assert job.wait(600) == 0, job.text()[-3000:]
+
+    output = tmp_path / "preempted"
+    job = Job(env(output), tmp_path / "first.log", offline)
+    job.wait_for(lambda: any(s >= 6 for s in job.logged_steps()), "step 6", timeout=300)
+    job.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert job.wait(GRACE_S) == 75, job.text()[-3000:]
+    assert time.monotonic() - signalled < GRACE_S
+    result = read_result(output)
+    step = result["outputs"]["global_step"]
+    assert result["status"] == "interrupted" and 6 <= step < RESUME["max_steps"]
+    _assert_checkpoint_is_resumable(_job_dir(output) / "checkpoints" / f"checkpoint-{step}", step)
+
+    job = Job(env(output), tmp_path / "rerun.log", offline)
+    assert job.wait(600) == 0, job.text()[-3000:]
+    assert f"from checkpoint-{step} (step {step})" in job.text()
+    result, want = read_result(output), read_result(reference)
+    assert result["status"] == "completed" and result["backend"] == "unsloth"
+    assert result["outputs"]["global_step"] == want["outputs"]["global_step"] == RESUME["max_steps"]
+    assert result["outputs"]["train_tokens"] == want["outputs"]["train_tokens"]
+    assert result["outputs"]["train_loss"] == pytest.approx(want["outputs"]["train_loss"], rel=2e-3)
+    assert job.logged_steps() == list(range(1, RESUME["max_steps"] + 1)), "each step logged exactly once"
+    # LoRA B starts at zero, so it is all training: a lost optimizer state, a repeated or skipped step or another
+    # data order moves it by several percent; GPU kernels' run-to-run noise by far less.
+    got = load_file(_job_dir(output) / "adapter" / "adapter_model.safetensors")
+    ref = load_file(_job_dir(reference) / "adapter" / "adapter_model.safetensors")
+    b = [k for k in ref if "lora_B" in k]
+    assert b and got.keys() == ref.keys()
+    diff = torch.cat([(got[k].float() - ref[k].float()).flatten() for k in b]).norm()
+    size = torch.cat([ref[k].float().flatten() for k in b]).norm()
+    print(f"unsloth resume: checkpoint-{step}, lora_B relative difference {float(diff / size):.2e}")
+    assert diff <= 0.02 * size
