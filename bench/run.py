@@ -17,7 +17,8 @@ What it does, in order (progress on stderr; the table is printed last on stdout)
   5. after every run rewrites DIR/results.json and DIR/table.md (a call cut short still leaves the rows so far)
 
 Paths: `job` (the job's default: auto micro-batch, same effective batch), `job-fixed` (the job at the baseline's
-micro-batch and accumulation: the memory criterion compares at the same micro-batch), `job-hf` (the job's default
+micro-batch and accumulation), `job-ckpt` (the same with FT_GRADIENT_CHECKPOINTING=true, as the baseline: the
+memory criterion compares at the same micro-batch), `job-hf` (the job's default
 with FT_BACKEND=hf: transformers + PEFT inside the job), `baseline`, and `baseline-noupcast` (4-bit: the baseline
 without prepare_model_for_kbit_training's float32 cast of the non-quantised weights; a loss-parity diagnostic).
 """
@@ -43,7 +44,7 @@ from bench.table import ratios, render
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = ["qwen2-7b", "qwen2-0.5b", "small", "tiny"]
 MODES = ["bf16", "4bit"]
-PATHS = ["job", "job-fixed", "job-hf", "baseline", "baseline-noupcast"]
+PATHS = ["job", "job-fixed", "job-ckpt", "job-hf", "baseline", "baseline-noupcast"]
 LORA_R = 16
 MIN_RUN_S = 60  # a run is not started with less of the --budget left than this
 BUILD_TIMEOUT_S = 900  # one model folder (7B: random init on the GPU + ~15 GB of safetensors)
@@ -196,9 +197,11 @@ def worker_cmd(args: argparse.Namespace, path: str, mode: str, model: Path, data
     if not baseline:
         cmd += ["--job-backend", "hf" if path == "job-hf" else args.job_backend, "--keep-dir", str(keep_dir),
                 "--job-checkpointing", args.job_checkpointing]
-        micro = args.micro_batch if path == "job-fixed" else args.job_micro_batch
+        micro = args.micro_batch if path in ("job-fixed", "job-ckpt") else args.job_micro_batch
         if micro:
             cmd += ["--job-micro-batch", str(micro)]
+        if path == "job-ckpt":
+            cmd[cmd.index("--job-checkpointing") + 1] = "true"
     return cmd
 
 
@@ -295,6 +298,9 @@ def run_row(session: Session, row: dict[str, Any]) -> None:
     args = session.args
     if row["mode"] == "4bit" and not session.cuda:
         row.update(status="skipped", reason="4-bit QLoRA needs a CUDA GPU (bitsandbytes NF4); none here")
+        return
+    if row["path"] == "baseline-noupcast" and row["mode"] != "4bit":
+        row.update(status="skipped", reason="the same run as `baseline` outside 4-bit (nothing is upcast)")
         return
     out_of_time = f"out of the --budget of {args.budget}s"
     if (left := session.left()) is not None and left < MIN_RUN_S:

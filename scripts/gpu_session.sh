@@ -209,6 +209,8 @@ for phase in "$@"; do
       --warmup 2 --steps 3 --micro-batch 2 --accum 2 --no-peak ;;
     bench7-4bit-parity-seed1) phase_bench bench-7b-4bit-parity-seed1 qwen2-7b 420 --modes 4bit \
       --paths job,baseline-noupcast,baseline --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak --seed 1 ;;
+    bench7-4bit-accept) phase_bench bench-7b-4bit-accept qwen2-7b 440 --modes 4bit \
+      --paths job,job-ckpt,baseline,baseline-noupcast --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
     refuse) phase_refuse ;;
     importtime) phase_importtime ;;
     importprof) phase_importprof ;;
