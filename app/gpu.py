@@ -227,7 +227,7 @@ class Estimate:
 class Profile:
     """How a backend spends activation memory. Both are fitted to peaks measured on an H100
     (torch.cuda.max_memory_allocated, packed rows of 2048, 2026-11-25; docs/BENCHMARKS.md, "Memory estimate"):
-    unsloth's to the Qwen2-0.5B shape at micro-batch 1/2/4, hf's to Qwen2-0.5B at 1/2/4 and Qwen2-7B at 1/2/4,
+    unsloth's to the Qwen2-0.5B shape at micro-batch 1/2/4, hf's to Qwen2-0.5B at 1/2/4 and Qwen2-7B at 1/2 (2/4 checkpointed),
     bf16 and 4-bit, checkpointing on and off (18 probes, all within -3%/+13%, the 7B ones within 3%)."""
 
     layer_bytes: tuple[float, float, float]  # saved bytes per token per layer = a*hidden + b*kv + c*intermediate
