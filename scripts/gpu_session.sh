@@ -71,17 +71,21 @@ phase_probe() {
   done
   timeout 150 python3 scripts/gpu_memory_probe.py --model "$m" --mode bf16 --checkpointing on --batches 1,2,4 \
     >>"$OUT/probe.log" 2>&1
-  grep '^PROBE' "$OUT/probe.log" | sed 's/^PROBE //' >"$OUT/probe.jsonl"
-  note "probe: $(wc -l <"$OUT/probe.jsonl") measurements ($(elapsed) s)"
-  python3 - "$OUT/probe.jsonl" <<'EOF' | tee -a "$SUMMARY"
+  probe_table probe
+}
+
+probe_table() {  # probe_table NAME: NAME.log's PROBE lines -> NAME.jsonl, and a markdown table in the summary
+  grep '^PROBE' "$OUT/$1.log" | sed 's/^PROBE //' >"$OUT/$1.jsonl"
+  note "$1: $(wc -l <"$OUT/$1.jsonl") measurements ($(elapsed) s)"
+  python3 - "$OUT/$1.jsonl" <<'EOF' | tee -a "$SUMMARY"
 import json, sys
-print("| model | backend | mode | ckpt | micro-batch | measured GiB | estimate GiB | error |")
-print("|---|---|---|---|---|---|---|---|")
+print("| model | backend | mode | ckpt | micro-batch | after load GiB | measured GiB | estimate GiB | error |")
+print("|---|---|---|---|---|---|---|---|---|")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     err = (r["estimate_gb"] - r["measured_peak_gb"]) / r["measured_peak_gb"]
     print(f"| {r['model']} | {r['backend']} | {r['mode']} | {r['checkpointing']} | {r['micro_batch']} | "
-          f"{r['measured_peak_gb']:.2f} | {r['estimate_gb']:.2f} | {err:+.0%} |")
+          f"{r['after_load_gb']:.2f} | {r['measured_peak_gb']:.2f} | {r['estimate_gb']:.2f} | {err:+.0%} |")
 EOF
 }
 
@@ -139,18 +143,7 @@ phase_probe_hf() {  # the hf backend's peaks (its Profile), 0.5B at 1/2/4 and 7B
     --batches 2,4 >>"$OUT/probe-hf.log" 2>&1
   timeout 120 python3 scripts/gpu_memory_probe.py --backend hf --model "$m7" --mode bf16 --checkpointing off \
     --batches 1,2 >>"$OUT/probe-hf.log" 2>&1
-  grep '^PROBE' "$OUT/probe-hf.log" | sed 's/^PROBE //' >"$OUT/probe-hf.jsonl"
-  note "probe-hf: $(wc -l <"$OUT/probe-hf.jsonl") measurements ($(elapsed) s)"
-  python3 - "$OUT/probe-hf.jsonl" <<'EOF' | tee -a "$SUMMARY"
-import json, sys
-print("| model | mode | ckpt | micro-batch | after load GiB | measured GiB | estimate GiB | error |")
-print("|---|---|---|---|---|---|---|---|")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    err = (r["estimate_gb"] - r["measured_peak_gb"]) / r["measured_peak_gb"]
-    print(f"| {r['model']} | {r['mode']} | {r['checkpointing']} | {r['micro_batch']} | {r['after_load_gb']:.2f} | "
-          f"{r['measured_peak_gb']:.2f} | {r['estimate_gb']:.2f} | {err:+.0%} |")
-EOF
+  probe_table probe-hf
 }
 
 phase_importprof() {  # where `import unsloth` spends its time, by function (cumulative)
