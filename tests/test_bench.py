@@ -1,0 +1,62 @@
+"""The benchmark harness (bench/) on the CPU: one `python -m bench.run` table of the tiny shape.
+
+The GPU numbers in docs/BENCHMARKS.md come from this harness; here it runs where CI runs, so a harness that
+stopped comparing like with like fails before the next GPU session. On the CPU both paths train in fp32
+with the same data, seed and LoRA initialisation, so the job (`python -m app train`) and plain
+transformers + PEFT + TRL must log the same loss at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "bench.run", "--out", str(out), "--models-dir", str(out / "models"),
+           "--shapes", "tiny", "--modes", "bf16,4bit", "--paths", "job,job-ckpt,baseline,baseline-noupcast",
+           "--warmup", "1", "--steps", "2", "--micro-batch", "2", "--accum", "1", "--seq", "512"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), (out / "table.md").read_text()
+
+
+def _rows(results: dict) -> dict[tuple[str, str], dict]:
+    return {(row["mode"], row["path"]): row for row in results["rows"]}
+
+
+def test_every_row_is_measured_or_skipped_with_its_reason(table):
+    rows = _rows(table[0])
+    assert {k for k, r in rows.items() if r["status"] == "ok"} == {("bf16", "job"), ("bf16", "job-ckpt"),
+                                                                    ("bf16", "baseline")}
+    assert "needs a CUDA GPU" in rows[("4bit", "job")]["reason"]
+    assert "same run as `baseline`" in rows[("bf16", "baseline-noupcast")]["reason"]
+    ckpt = rows[("bf16", "job-ckpt")]
+    assert ckpt["gradient_checkpointing"] is True and ckpt["micro_batch"] == 2
+    assert ckpt["ft_env"]["FT_GRADIENT_CHECKPOINTING"] == "true"
+
+
+def test_the_job_and_the_baseline_train_the_same_model_on_the_same_tokens(table):
+    rows = _rows(table[0])
+    job, ckpt, base = rows[("bf16", "job")], rows[("bf16", "job-ckpt")], rows[("bf16", "baseline")]
+    for row in (job, ckpt):
+        assert [s["tokens"] for s in row["steps"]] == [s["tokens"] for s in base["steps"]]
+        assert [s["loss"] for s in row["steps"]] == pytest.approx([s["loss"] for s in base["steps"]], rel=1e-5)
+        assert row["effective_batch"] == base["effective_batch"] == 2
+    assert job["speedup"] > 0 and job["loss_delta"] == pytest.approx(0, abs=1e-4)
+
+
+def test_the_table_names_the_command_and_compares_each_row_with_its_baseline(table):
+    results, markdown = table
+    assert results["meta"]["command"].startswith("python -m bench.run ")
+    assert "| tiny | bf16 | job (hf) |" in markdown and "(+0.0000)" in markdown
+    assert "- tiny 4bit job: skipped: 4-bit QLoRA needs a CUDA GPU" in markdown
