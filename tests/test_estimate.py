@@ -10,6 +10,7 @@ the card measured fails on every machine, not only on the next GPU session.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,10 @@ def shape(name: str) -> Shape:
     return Shape.from_config({**SHAPES[name], "model_type": "qwen2"})
 
 
-def plan(m: dict, **changes) -> Plan:
-    values = dict(micro_batch=m["micro_batch"], seq_len=m["seq"], load_in_4bit=m["mode"] == "4bit", r=16,
-                  target_modules=PROJECTIONS, optimizer_8bit=True, gradient_checkpointing=m["checkpointing"],
-                  backend=m["backend"], packed=m["packed"])
-    return Plan(**{**values, **changes})
+def plan(m: dict) -> Plan:
+    return Plan(micro_batch=m["micro_batch"], seq_len=m["seq"], load_in_4bit=m["mode"] == "4bit", r=16,
+                target_modules=PROJECTIONS, optimizer_8bit=True, gradient_checkpointing=m["checkpointing"],
+                backend=m["backend"], packed=m["packed"])
 
 
 def _id(m: dict) -> str:
@@ -55,7 +55,7 @@ def test_the_hf_run_that_ran_out_of_memory_is_not_planned_again():
                optimizer_8bit=True, gradient_checkpointing=False, backend="hf", packed=True)
     assert estimate_peak(qwen7b, oom).total_gb > H100_FREE_GIB
     assert auto_micro_batch(qwen7b, oom, H100_FREE_GIB, effective=8) == (2, False)
-    assert estimate_peak(qwen7b, Plan(**{**oom.__dict__, "micro_batch": 2})).total_gb <= H100_FREE_GIB * HEADROOM
+    assert estimate_peak(qwen7b, replace(oom, micro_batch=2)).total_gb <= H100_FREE_GIB * HEADROOM
 
 
 def test_packing_costs_the_hf_backend_a_mask_quadratic_in_the_micro_batch():
