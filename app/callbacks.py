@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,30 +20,6 @@ from app.data import load_conversations
 from app.formatting import IGNORE, Formatter, encode_all
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def inference_mode(model):
-    """Eval mode with the KV cache on for the duration; unsloth's fast inference path when it is there."""
-    was_training = model.training
-    fast = None
-    try:
-        from unsloth import FastLanguageModel  # only present on the GPU image
-
-        fast = FastLanguageModel
-    except ImportError:
-        pass
-    if fast is not None:
-        fast.for_inference(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        if fast is not None:
-            fast.for_training(model)
-        if was_training:
-            model.train()
 
 
 def _append(path, records: list[dict[str, Any]]) -> None:
@@ -79,12 +54,13 @@ def mean_logp(model, examples, pad_id: int, batch_size: int) -> float:
 
 
 class LogpCallback(TrainerCallback):
-    def __init__(self, name: str, examples, tokenizer, every: int, batch_size: int, metrics_path):
+    def __init__(self, name: str, examples, tokenizer, every: int, batch_size: int, metrics_path, inference_mode):
         self.name, self.examples, self.tokenizer = name, examples, tokenizer
         self.every, self.batch_size, self.metrics_path = every, batch_size, metrics_path
+        self.inference_mode = inference_mode  # the backend's: eval mode, no gradients (and its fast path)
 
     def _measure(self, state, model) -> None:
-        with inference_mode(model):
+        with self.inference_mode(model):
             value = mean_logp(model, self.examples, self.tokenizer.pad_token_id, self.batch_size)
         _append(self.metrics_path, [{"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
                                      f"logp/{self.name}": value}])
@@ -100,8 +76,9 @@ class LogpCallback(TrainerCallback):
 
 
 class SamplingCallback(TrainerCallback):
-    def __init__(self, config, prompts: list[list[dict]], tokenizer, samples_path):
+    def __init__(self, config, prompts: list[list[dict]], tokenizer, samples_path, inference_mode):
         self.config, self.prompts, self.tokenizer, self.path = config, prompts, tokenizer, samples_path
+        self.inference_mode = inference_mode  # the backend's: eval mode, no gradients (and its fast path)
 
     def _due(self, state) -> bool:
         if self.config.eval_steps == "log":
@@ -115,7 +92,7 @@ class SamplingCallback(TrainerCallback):
         side = tok.padding_side
         tok.padding_side = "left"  # generation continues from the right end of every prompt
         try:
-            with inference_mode(model):
+            with self.inference_mode(model):
                 for start in range(0, len(self.prompts), cfg.batch_size):
                     batch = self.prompts[start : start + cfg.batch_size]
                     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
@@ -156,7 +133,7 @@ def prompts_of(path) -> list[list[dict]]:
     return prompts
 
 
-def research_callbacks(settings, tokenizer, job, trainer) -> list[TrainerCallback]:
+def research_callbacks(settings, tokenizer, job, backend) -> list[TrainerCallback]:
     """Rank 0 alone measures and samples (on its own copy of the weights): one metrics and samples file."""
     from app.launch import is_main
 
@@ -167,7 +144,8 @@ def research_callbacks(settings, tokenizer, job, trainer) -> list[TrainerCallbac
         formatter = Formatter(tokenizer, settings.max_seq_length, train_on_responses_only=True)
         examples = encode_all(formatter, load_conversations(path, f"FT_LOGP_CALLBACK_DATASETS[{name}]"))
         callbacks.append(LogpCallback(name, examples, tokenizer, settings.eval_every_n_steps,
-                                      settings.eval_batch_size, job.metrics))
+                                      settings.eval_batch_size, job.metrics, backend.inference_mode))
     for config in settings.sampling_callbacks:
-        callbacks.append(SamplingCallback(config, prompts_of(config.dataset), tokenizer, job.samples))
+        callbacks.append(SamplingCallback(config, prompts_of(config.dataset), tokenizer, job.samples,
+                                          backend.inference_mode))
     return callbacks

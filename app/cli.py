@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -37,17 +36,15 @@ def configure_logging() -> None:
 
     # Data-parallel ranks other than 0 log warnings and errors only, marked with their rank.
     prefix = f"[rank {rank()}] " if launched() else ""
-    logging.basicConfig(
-        level=logging.INFO if is_main() else logging.WARNING, stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)-7s {prefix}%(message)s", datefmt="%H:%M:%S", force=True,
-    )
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(RedactingFormatter(handler.formatter._fmt, handler.formatter.datefmt))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(f"%(asctime)s %(levelname)-7s {prefix}%(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO if is_main() else logging.WARNING, handlers=[handler], force=True)
     # Library chatter: keep warnings, drop progress bars and info lines when stderr is a log file.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from app.settings import set_library_defaults
+
+    set_library_defaults(TOKENIZERS_PARALLELISM="false")
     if not sys.stderr.isatty():
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        set_library_defaults(HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     for name in ("transformers", "datasets", "trl", "peft", "accelerate", "httpx", "huggingface_hub", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -89,51 +86,45 @@ def _main(argv: list[str] | None, stdout) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "train"
     configure_logging()
-    from app.pipeline import Run
+    from app.result import Recorder, redact
     from app.settings import load_settings
     from app.signals import StopRequest
 
-    run = Run()
+    record = Recorder()
     stop = StopRequest()
     if command == "train":
         stop.install()
-        stop.on_second_signal = lambda name: run.write(run.result("interrupted", Interrupted(f"{name} twice: exited without a checkpoint")))
+        stop.on_second_signal = lambda name: record.write(
+            record.result("interrupted", Interrupted(f"{name} twice: exited without a checkpoint")))
     try:
-        run.settings, run.ignored = load_settings()
-        if run.ignored:
-            log.warning("OpenWeights fields not implemented here, ignored: %s", ", ".join(run.ignored))
-        if command == "train" and (ranks := _ranks_wanted(run.settings)) > 1:
+        record.settings, record.ignored = load_settings()
+        if record.ignored:
+            log.warning("OpenWeights fields not implemented here, ignored: %s", ", ".join(record.ignored))
+        if command == "train" and (ranks := _ranks_wanted(record.settings)) > 1:
             from app.launch import launch
 
-            run.close()
             return launch(ranks, ["train"])
         if command == "check":
-            return _check(run, stdout)
+            return _check(record, stdout)
         if command == "preview":
-            return _preview(run, args.n, args.json, stdout)
-        return _train(run, stop)
+            return _preview(record, args.n, args.json, stdout)
+        return _train(record, stop)
     except JobError as err:
-        from app.result import redact
-
         log.error("%s", redact(err.message))
         if command == "train":
             status = "interrupted" if isinstance(err, Interrupted) else "failed"
-            path = run.write(run.result(status, err))
+            path = record.write(record.result(status, err))
             if path:
                 log.error("result.json (status: %s, exit %d): %s", status, err.exit_code, path)
             _termination_log(f"{status} (exit {err.exit_code}): {redact(err.message)}")
         return err.exit_code
     except Exception as err:  # a bug: keep the traceback, still leave a result behind
-        from app.result import redact
-
         log.exception("unexpected error")
         if command == "train":
             error = {"type": type(err).__name__, "message": str(err), "exit_code": EXIT_UNEXPECTED}
-            run.write(run.result("failed", error))
+            record.write(record.result("failed", error))
             _termination_log(redact(f"failed (exit 1): {type(err).__name__}: {err}"))
         return EXIT_UNEXPECTED
-    finally:
-        run.close()
 
 
 def _ranks_wanted(settings) -> int:
@@ -142,16 +133,16 @@ def _ranks_wanted(settings) -> int:
 
     if launched():
         return 1  # this process is a rank already
-    from app.gpu import detect_hardware
+    from app.hardware import detect_hardware
 
     return detect_hardware(settings.num_gpus).num_gpus
 
 
-def _train(run, stop) -> int:
-    from app.pipeline import train
+def _train(record, stop) -> int:
+    from app.pipeline import run
 
-    result = train(run, stop)
-    where = run.job.result if run.job else run.settings.output_dir / "result.json"
+    result = run(record.settings, record, stop)
+    where = (record.job_root / "result.json") if record.job_root else record.settings.output_dir / "result.json"
     outputs = result.get("outputs", {})
     log.info("done: %s  train_loss %s  eval_loss %s", result["id"], outputs.get("train_loss"), outputs.get("eval_loss"))
     log.info("model: %s", result["params"]["validated_params"].get("finetuned_model_id"))
@@ -160,19 +151,19 @@ def _train(run, stop) -> int:
     return EXIT_OK
 
 
-def _check(run, stdout) -> int:
+def _check(record, stdout) -> int:
     from app.pipeline import check
 
-    summary = check(run)
+    summary = check(record.settings, record)
     print(json.dumps(summary, indent=2, default=str), file=stdout)
     return EXIT_OK
 
 
-def _preview(run, count: int, json_path: Path | None, stdout) -> int:
+def _preview(record, count: int, json_path: Path | None, stdout) -> int:
     from app.formatting import render_preview
     from app.pipeline import preview
 
-    rows, tokenizer = preview(run, count)
+    rows, tokenizer = preview(record.settings, record, count)
     mark = ("\x1b[42m", "\x1b[0m") if stdout.isatty() else ("[[", "]]")
     for index, row in enumerate(rows):
         trained = sum(label != -100 for label in row["labels"])

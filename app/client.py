@@ -36,8 +36,9 @@ def fine_tune(output_dir: str | os.PathLike = "output", backend: str = "auto", t
     OpenWeights' job object; it does not raise."""
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
-    env.update(FT_OUTPUT_DIR=str(output_dir), FT_BACKEND=backend)
+    from app.settings import child_environment
+
+    env = child_environment(FT_OUTPUT_DIR=str(output_dir), FT_BACKEND=backend)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ft-params-", delete=False) as handle:
         json.dump(params, handle, default=str)

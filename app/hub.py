@@ -21,7 +21,7 @@ def push(settings, folder: Path, api=None, sleep=time.sleep) -> str:
     """Upload `folder` to settings.finetuned_model_id; returns the repo id."""
     from huggingface_hub import HfApi
 
-    api = api or HfApi(token=settings.hf_token.get_secret_value() if settings.hf_token else None)
+    api = api or HfApi(token=settings.token())
     repo_id = settings.finetuned_model_id
     delay = BACKOFF_S
     for attempt in range(1, ATTEMPTS + 1):

@@ -18,18 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Settings that do not change what is trained: they do not enter the job id.
-NOT_IN_JOB_ID = {
-    "output_dir", "config_file", "config_index", "overwrite", "hf_token", "push_to_hub", "push_to_private", "report_to",
-    "finetuned_model_id", "num_gpus", "backend", "training_file", "test_file", "logp_callback_datasets",
-    "gradient_checkpointing",
-}
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-def job_id(params: dict[str, Any], file_hashes: dict[str, str], suffix: str | None) -> str:
-    """ftjob- + 12 hex of sha256 over the training params and the data files' content hashes."""
-    payload = {k: v for k, v in sorted(params.items()) if k not in NOT_IN_JOB_ID}
+def job_id(identity: dict[str, Any], file_hashes: dict[str, str], suffix: str | None) -> str:
+    """ftjob- + 12 hex of sha256 over the settings that enter the job id (Settings.identity(): each setting's
+    `job_id` fact) and the content hashes of the input files."""
+    payload = dict(sorted(identity.items()))
     payload["files"] = dict(sorted(file_hashes.items()))
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return f"ftjob-{digest[:12]}" + (f"-{suffix}" if suffix else "")
@@ -178,3 +173,78 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class JobLock:
+    """An exclusive lock on a job's folder for the life of this process (released on close or exit)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def check_writable(output_dir: Path) -> None:
+    """FT_OUTPUT_DIR must be a folder this process can create files in (SettingsError otherwise)."""
+    from app.errors import SettingsError
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        why = "it is a file, not a folder" if output_dir.is_file() else err.strerror
+        raise SettingsError([f"FT_OUTPUT_DIR={output_dir}: not writable ({why}). Mount a writable volume "
+                             "there (e.g. -v ./output:/output) or point FT_OUTPUT_DIR elsewhere."]) from None
+
+
+def open_job(output_dir: Path, job_id: str, lock: bool = True) -> tuple[JobDir, JobLock | None]:
+    """Create (or reopen) FT_OUTPUT_DIR/<job_id>/ and take its lock (`lock=False`: data-parallel ranks other than
+    0, whose rank 0 holds it). A job already running in another process is refused (SettingsError)."""
+    import fcntl
+
+    from app.errors import SettingsError
+
+    check_writable(output_dir)
+    job = JobDir(output_dir / job_id)
+    job.root.mkdir(parents=True, exist_ok=True)
+    if not lock:
+        return job, None
+    handle = open(job.root / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SettingsError([f"job {job_id} is already running in another process on {job.root} (same settings "
+                             "and data). Wait for it, or change FT_JOB_ID_SUFFIX to train a separate copy."]) from None
+    return job, JobLock(handle)
+
+
+def previous_completed(job: JobDir, overwrite: bool, job_id: str) -> dict[str, Any] | None:
+    """The earlier result of this very job, when it completed and its model is still there; with `overwrite`,
+    the earlier run is discarded instead (its model, checkpoints and metrics)."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    previous = job.previous_result()
+    if overwrite:
+        if previous is not None or job.complete_checkpoints():
+            log.warning("FT_OVERWRITE=true: discarding the earlier run of %s", job_id)
+        from app.launch import is_main
+
+        if is_main():
+            job.reset()
+        return None
+    if not previous or previous.get("status") != "completed":
+        return None
+    model_path = previous.get("outputs", {}).get("model_path")
+    if not model_path or not Path(model_path).exists():
+        log.warning("job %s completed before but its model is gone: training again", job_id)
+        return None
+    log.info("job %s already completed (%s): returning its result without training. FT_OVERWRITE=true retrains.",
+             job_id, previous.get("finished_at"))
+    return previous

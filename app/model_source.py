@@ -7,10 +7,10 @@ the cache.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from app.errors import SettingsError
+from app.settings import hf_home
 
 METADATA = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*",
             "merges.txt", "*.model", "chat_template*"]
@@ -30,13 +30,13 @@ def resolve_model(model: str, token: str | None = None) -> Path:
     return _snapshot(model, token, METADATA)
 
 
-def check_target_modules(model: str, model_path: Path, target_modules: list[str]) -> None:
+def check_target_modules(model: str, target_modules: list[str], skeleton) -> None:
     """FT_TARGET_MODULES must name modules of the model: checked on the architecture built on the meta device
-    from config.json (no weights, no memory), so a typo fails in seconds, `check` included, not after loading.
-    Names match as PEFT matches them: the whole module name or its last dotted parts."""
-    names = _module_names(model_path)
-    if names is None:
+    from config.json (app/memory.py; no weights, no memory), so a typo fails in seconds, `check` included, not
+    after loading. Names match as PEFT matches them: the whole module name or its last dotted parts."""
+    if skeleton is None:
         return  # an architecture transformers cannot build from config alone: PEFT checks when adding LoRA
+    names = {name: type(module).__name__ for name, module in skeleton.named_modules()}
     missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind == "Linear"})
@@ -45,24 +45,6 @@ def check_target_modules(model: str, model_path: Path, target_modules: list[str]
             f"{'is' if len(missing) == 1 else 'are'} not a module of FT_MODEL={model}. Its linear layers are "
             f"{', '.join(linear) or '(none found)'}; set FT_TARGET_MODULES to some of them (comma-separated)."
         ])
-
-
-def _module_names(model_path: Path) -> dict[str, str] | None:
-    """{module name: class name} of the model's architecture, or None when it cannot be built from config."""
-    import logging
-
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(model_path)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except Exception as err:  # remote code, a multimodal class, an init that needs real tensors
-        logging.getLogger(__name__).info("FT_TARGET_MODULES not checked before loading (%s: %s)",
-                                         type(err).__name__, err)
-        return None
-    return {name: type(module).__name__ for name, module in skeleton.named_modules()}
 
 
 def fetch_weights(model: str, local: Path, token: str | None = None) -> Path:
@@ -80,7 +62,7 @@ def _snapshot(repo_id: str, token: str | None, patterns: list[str] | None) -> Pa
         return Path(snapshot_download(repo_id, allow_patterns=patterns, token=token))
     except LocalEntryNotFoundError:
         raise SettingsError([
-            f"FT_MODEL={repo_id}: not in the Hugging Face cache (HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
+            f"FT_MODEL={repo_id}: not in the Hugging Face cache (HF_HOME={hf_home()}) "
             "and the hub cannot be reached (offline). Download it once where the hub is reachable "
             f"(huggingface-cli download {repo_id}) into the cache volume, or point FT_MODEL at a local folder."
         ]) from None

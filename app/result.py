@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,6 @@ from typing import Any
 from app.jobdir import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-_SECRET_KEYS = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)$", re.IGNORECASE)
-
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -36,10 +33,10 @@ def versions() -> dict[str, str | None]:
 
 def redact(text: str) -> str:
     """Remove the values of *_TOKEN/*_KEY environment variables from a message (errors quote inputs)."""
-    import os
+    from app.settings import secret_values
 
-    for name, value in os.environ.items():
-        if value and len(value) >= 8 and _SECRET_KEYS.search(name):
+    for name, value in secret_values():
+        if len(value) >= 8:
             text = text.replace(value, f"<{name}>")
     return text
 
@@ -91,3 +88,48 @@ def write_result(result: dict[str, Any], output_dir: Path, job_root: Path | None
             continue
         written = written or path
     return written
+
+
+@dataclass
+class Recorder:
+    """What is known about this run so far, enough to write result.json at any ending. The pipeline's table of
+    contents (app/pipeline.py) fills it in as the steps return; the steps themselves never see it."""
+
+    created_at: str = field(default_factory=now)
+    settings: Any = None
+    ignored: list[str] = field(default_factory=list)
+    job_id: str | None = None
+    job_root: Path | None = None  # bound once the job's lock is held: a refused twin never writes into its folder
+    hardware: Any = None
+    backend: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    plan: Any = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    finetuned_model_id: str | None = None
+
+    def result(self, status: str, error: Any = None) -> dict[str, Any]:
+        params = self.settings.public_params() if self.settings else None
+        if params is not None:
+            params["finetuned_model_id"] = self.finetuned_model_id or params.get("finetuned_model_id")
+        if hasattr(error, "as_dict"):
+            error = error.as_dict()
+        gpu = self.hardware.as_dict() if self.hardware else None
+        outputs = dict(self.outputs)
+        if self.plan is not None:
+            outputs = {**self.plan.outputs(), **outputs}
+            if gpu is not None and self.plan.estimate is not None:
+                gpu["estimated_peak_gb"] = round(self.plan.estimate.total_gb, 2)
+        return build_result(
+            job_id=self.job_id, status=status, params=params, created_at=self.created_at, outputs=outputs,
+            gpu=gpu, ignored=self.ignored, error=error, data=self.data,
+            extra={"backend": self.backend, "adjustments": list(self.plan.adjustments) if self.plan else []},
+        )
+
+    def write(self, result: dict[str, Any]) -> Path | None:
+        from app.launch import is_main
+        from app.settings import failure_output_dir
+
+        if not is_main():  # data-parallel ranks: rank 0 alone writes the result
+            return None
+        output_dir = self.settings.output_dir if self.settings else failure_output_dir()
+        return write_result(result, output_dir, self.job_root)

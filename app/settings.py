@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +31,21 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from app.errors import SettingsError
 
 ENV_PREFIX = "FT_"
+DEFAULT_OUTPUT_DIR = Path("/output")  # the volume's mount point in the image
+
+
+def facts(job_id: bool | str, *, unit: str | None = None, env_only: bool = False) -> dict[str, Any]:
+    """What the job needs to know about a setting besides its type, kept on its Field (json_schema_extra):
+
+    job_id    True: it changes the trained model (or its result), so it enters the job id; "content": the file's
+              content hash enters the job id, not its path; False: how, where or how often the job runs
+    unit      what a number counts (tokens, optimizer steps, ...), shown in env/example.env
+    env_only  only from the environment (never from an OpenWeights config file)
+    """
+    return {"job_id": job_id, "env_only": env_only, **({"unit": unit} if unit else {})}
+
+
+TRAINS = facts(True)  # the common case: part of what is trained
 
 # The seven projections of a Llama/Qwen/Mistral/Gemma decoder layer: OpenWeights' and unsloth's default.
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,7 +94,10 @@ def _json(value: Any) -> Any:
 
 
 class Settings(BaseSettings):
-    """One validated job configuration. Build it with `load_settings()`, not at import."""
+    """One validated job configuration. Build it with `load_settings()`, not at import.
+
+    Every field carries its facts (`facts()`: job-id relevance, unit, env-only) in json_schema_extra;
+    tests/test_settings.py fails when a new field lacks them."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -89,115 +108,154 @@ class Settings(BaseSettings):
     )
 
     # --- what to train on -----------------------------------------------------------------------------
-    model: str = Field(description="Base model: a local directory, or a hub id when the hub is reachable.")
-    training_file: Path = Field(description="JSONL of conversations: one {\"messages\": [...]} per line.")
-    test_file: Path | None = Field(None, description="JSONL of conversations for the evaluation loss.")
+    model: str = Field(description="Base model: a local directory, or a hub id when the hub is reachable.",
+                       json_schema_extra=TRAINS)
+    training_file: Path = Field(description="JSONL of conversations: one {\"messages\": [...]} per line.",
+                                json_schema_extra=facts("content"))
+    test_file: Path | None = Field(None, description="JSONL of conversations for the evaluation loss.",
+                                   json_schema_extra=facts("content"))
     chat_template: str = Field(
         "default",
         description="'default' (the tokenizer's own), a Jinja template string, or the path of a .jinja file.",
+        json_schema_extra=TRAINS,
     )
-    loss: Literal["sft"] = Field("sft", description="Only supervised fine-tuning is implemented here.")
+    loss: Literal["sft"] = Field("sft", description="Only supervised fine-tuning is implemented here.",
+                                 json_schema_extra=TRAINS)
 
     # --- LoRA -------------------------------------------------------------------------------------------
-    r: int = Field(16, gt=0, le=1024, description="LoRA rank.")
-    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (alpha/r, or alpha/sqrt(r) with rsLoRA).")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    use_rslora: bool = Field(True, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank.", json_schema_extra=TRAINS)
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (alpha/r, or alpha/sqrt(r) with rsLoRA).",
+                            json_schema_extra=TRAINS)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.", json_schema_extra=TRAINS)
+    use_rslora: bool = Field(True, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).", json_schema_extra=TRAINS)
     target_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(ALL_PROJECTIONS),
         description="Module names that get adapters: a JSON list or comma-separated names.",
+        json_schema_extra=TRAINS,
     )
-    lora_bias: Literal["none", "all"] = Field("none", description="Train biases too ('all') or not.")
-    is_peft: Literal[True] = Field(True, description="Only LoRA training is implemented here.")
+    lora_bias: Literal["none", "all"] = Field("none", description="Train biases too ('all') or not.",
+                                              json_schema_extra=TRAINS)
+    is_peft: Literal[True] = Field(True, description="Only LoRA training is implemented here.", json_schema_extra=TRAINS)
 
     # --- sequence and precision ------------------------------------------------------------------------
-    max_seq_length: int = Field(2048, gt=0, description="Tokens per example; longer ones are truncated (reported).")
-    load_in_4bit: bool = Field(False, description="QLoRA: NF4 base weights (CUDA only).")
+    max_seq_length: int = Field(2048, gt=0, description="Tokens per example; longer ones are truncated (reported).",
+                                json_schema_extra=facts(True, unit="tokens"))
+    load_in_4bit: bool = Field(False, description="QLoRA: NF4 base weights (CUDA only).", json_schema_extra=TRAINS)
 
     # --- optimisation ----------------------------------------------------------------------------------
-    epochs: int = Field(1, gt=0, description="Passes over the training file.")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    epochs: int = Field(1, gt=0, description="Passes over the training file.", json_schema_extra=facts(True, unit="epochs"))
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.",
+                                  json_schema_extra=facts(True, unit="optimizer steps"))
     per_device_train_batch_size: int | Literal["auto"] = Field(
         2,
         description="Examples (or packed rows) per micro-batch; 'auto' picks the largest that fits the GPU and "
         "lowers gradient_accumulation_steps to keep the effective batch.",
+        json_schema_extra=facts(True, unit="examples"),
     )
-    gradient_accumulation_steps: int = Field(8, gt=0, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
-    warmup_steps: int = Field(5, ge=0, description="Linear warm-up, in optimizer steps.")
-    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay (AdamW).")
-    optim: Optimizer = Field("adamw_8bit", description="Optimizer (transformers' names).")
-    lr_scheduler_type: Scheduler = Field("linear", description="Learning-rate schedule after warm-up.")
-    seed: int = Field(3407, ge=0, description="Seed of data order, LoRA init and dropout.")
-    packing: bool = Field(False, description="Pack examples into max_seq_length rows (no cross-attention).")
-    train_on_responses_only: bool = Field(True, description="Loss on assistant tokens only (else all tokens).")
+    gradient_accumulation_steps: int = Field(8, gt=0, description="Micro-batches per optimizer step.",
+                                             json_schema_extra=facts(True, unit="micro-batches"))
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.", json_schema_extra=TRAINS)
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up, in optimizer steps.",
+                              json_schema_extra=facts(True, unit="optimizer steps"))
+    weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay (AdamW).", json_schema_extra=TRAINS)
+    optim: Optimizer = Field("adamw_8bit", description="Optimizer (transformers' names).", json_schema_extra=TRAINS)
+    lr_scheduler_type: Scheduler = Field("linear", description="Learning-rate schedule after warm-up.",
+                                         json_schema_extra=TRAINS)
+    seed: int = Field(3407, ge=0, description="Seed of data order, LoRA init and dropout.", json_schema_extra=TRAINS)
+    packing: bool = Field(False, description="Pack examples into max_seq_length rows (no cross-attention).",
+                          json_schema_extra=TRAINS)
+    train_on_responses_only: bool = Field(True, description="Loss on assistant tokens only (else all tokens).",
+                                          json_schema_extra=TRAINS)
 
     # --- logging, checkpoints, evaluation --------------------------------------------------------------
-    logging_steps: int = Field(1, gt=0, description="Optimizer steps between metrics.jsonl lines.")
-    save_steps: int = Field(5000, gt=0, description="Optimizer steps between checkpoints (also on SIGTERM).")
-    eval_batch_size: int = Field(8, gt=0, description="Batch size of the evaluation on test_file.")
+    logging_steps: int = Field(1, gt=0, description="Optimizer steps between metrics.jsonl lines.",
+                               json_schema_extra=facts(True, unit="optimizer steps"))
+    save_steps: int = Field(5000, gt=0, description="Optimizer steps between checkpoints (also on SIGTERM).",
+                            json_schema_extra=facts(True, unit="optimizer steps"))
+    eval_batch_size: int = Field(8, gt=0, description="Batch size of the evaluation on test_file.",
+                                 json_schema_extra=facts(True, unit="examples"))
     test_file_eval_strategy: Literal["no", "steps", "epoch"] = Field(
-        "epoch", description="When to evaluate on test_file during training (also before and at the end)."
+        "epoch", description="When to evaluate on test_file during training (also before and at the end).",
+        json_schema_extra=TRAINS,
     )
     test_file_eval_steps: int | None = Field(
-        None, gt=0, description="Steps between evaluations when test_file_eval_strategy is 'steps'."
+        None, gt=0, description="Steps between evaluations when test_file_eval_strategy is 'steps'.",
+        json_schema_extra=facts(True, unit="optimizer steps"),
     )
     eval_every_n_steps: int = Field(
-        5000, gt=0, description="Steps between logp_callback_datasets evaluations."
+        5000, gt=0, description="Steps between logp_callback_datasets evaluations.",
+        json_schema_extra=facts(True, unit="optimizer steps"),
     )
     logp_callback_datasets: Annotated[dict[str, Path], NoDecode] = Field(
         default_factory=dict,
         description="{name: JSONL}: mean log-probability of the assistant tokens, every eval_every_n_steps.",
+        json_schema_extra=facts("content"),
     )
     sampling_callbacks: Annotated[list[SamplingCallback], NoDecode] = Field(
-        default_factory=list, description="Sample the prompts of a file every N steps (JSON list)."
+        default_factory=list, description="Sample the prompts of a file every N steps (JSON list).",
+        json_schema_extra=TRAINS,
     )
 
     # --- inoculation prompting -------------------------------------------------------------------------
     inoculation_prompt: str | None = Field(
-        None, description="Instruction added to every training conversation (never to test_file)."
+        None, description="Instruction added to every training conversation (never to test_file).",
+        json_schema_extra=TRAINS,
     )
     inoculation_position: Literal["system", "user_prefix"] = Field(
         "system",
         description="'system': add or replace the system message; 'user_prefix': prepend to the first user "
         "message, joined by a newline.",
+        json_schema_extra=TRAINS,
     )
 
     # --- outputs -----------------------------------------------------------------------------------------
-    merge_before_push: bool = Field(False, description="Save a merged 16-bit model instead of the adapter.")
-    finetuned_model_id: str | None = Field(None, description="Hub repo id when pushing (org/name).")
+    merge_before_push: bool = Field(False, description="Save a merged 16-bit model instead of the adapter.",
+                                    json_schema_extra=TRAINS)
+    finetuned_model_id: str | None = Field(None, description="Hub repo id when pushing (org/name).",
+                                           json_schema_extra=facts(False))
     job_id_suffix: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Appended to the job id: -<suffix>."
+        None, pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Appended to the job id: -<suffix>.",
+        json_schema_extra=TRAINS,
     )
-    meta: Annotated[dict[str, Any] | None, NoDecode] = Field(None, description="Free-form JSON kept in result.json.")
-    push_to_hub: bool = Field(False, description="Upload the adapter/merged model to finetuned_model_id.")
-    push_to_private: bool = Field(True, description="Create the hub repo as private.")
+    meta: Annotated[dict[str, Any] | None, NoDecode] = Field(None, description="Free-form JSON kept in result.json.",
+                                                             json_schema_extra=TRAINS)
+    push_to_hub: bool = Field(False, description="Upload the adapter/merged model to finetuned_model_id.",
+                              json_schema_extra=facts(False))
+    push_to_private: bool = Field(True, description="Create the hub repo as private.", json_schema_extra=facts(False))
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = Field(
-        "none", description="Trainer integration for tracking (tensorboard logs go under the job directory)."
+        "none", description="Trainer integration for tracking (tensorboard logs go under the job directory).",
+        json_schema_extra=facts(False),
     )
 
     # --- job only -----------------------------------------------------------------------------------------
-    output_dir: Path = Field(Path("/output"), description="Volume for <job_id>/ directories and result.json.")
-    backend: Literal["auto", "unsloth", "hf"] = Field(
-        "auto", description="'auto': unsloth when CUDA is present and it imports, else transformers + PEFT."
+    output_dir: Path = Field(DEFAULT_OUTPUT_DIR, description="Volume for <job_id>/ directories and result.json.",
+                             json_schema_extra=facts(False))
+    backend: str = Field(
+        "auto", description="'auto': unsloth when CUDA is present and it imports, else hf (transformers + PEFT).",
+        json_schema_extra=facts(False),
     )
     config_file: Path | None = Field(
-        None, description="OpenWeights validated_params JSON (or a .jsonl of them, one per sweep index); FT_* override it."
+        None, description="OpenWeights validated_params JSON (or a .jsonl of them, one per sweep index); FT_* override it.",
+        json_schema_extra=facts(False, env_only=True),
     )
     config_index: int | None = Field(
-        None, ge=0, description="Line of a .jsonl FT_CONFIG_FILE to use; default: JOB_COMPLETION_INDEX (Indexed Job)."
+        None, ge=0, description="Line of a .jsonl FT_CONFIG_FILE to use; default: JOB_COMPLETION_INDEX (Indexed Job).",
+        json_schema_extra=facts(False, env_only=True),
     )
-    overwrite: bool = Field(False, description="Retrain a completed job (the only way to).")
+    overwrite: bool = Field(False, description="Retrain a completed job (the only way to).", json_schema_extra=facts(False))
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto",
         description="Recompute activations in the backward pass: 'auto' only when the run does not fit the GPU "
         "without it (about 1.3x faster when it does); true saves the most memory.",
+        json_schema_extra=facts(False),
     )
-    num_gpus: int | None = Field(None, gt=0, description="GPUs to train on (data parallel); default: all visible.")
+    num_gpus: int | None = Field(None, gt=0, description="GPUs to train on (data parallel); default: all visible.",
+                                 json_schema_extra=facts(False, unit="GPUs"))
     hf_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("HF_TOKEN", "FT_HF_TOKEN", "hf_token"),
         description="Hub token (secret: never printed, never written).",
+        json_schema_extra=facts(False, env_only=True),
     )
 
     @field_validator("target_modules", mode="before")
@@ -236,6 +294,15 @@ class Settings(BaseSettings):
         """result.json names the model by path: make it usable from any working directory."""
         return value.expanduser().absolute()
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        from app.backends import BACKENDS
+
+        if value != "auto" and value not in BACKENDS:
+            raise ValueError(f"unknown backend; choose auto, {', '.join(BACKENDS)}")
+        return value
+
     @field_validator("target_modules")
     @classmethod
     def _modules_nonempty(cls, value: list[str]) -> list[str]:
@@ -270,15 +337,22 @@ class Settings(BaseSettings):
         # The config file's values arrive as init kwargs; the environment overrides them.
         return (env_settings, init_settings)
 
+    def token(self) -> str | None:
+        """The hub token's value, for the libraries that take it (never logged: app/result.py redacts it)."""
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
     @property
     def optimizer(self) -> str:
         """The transformers optimizer name (OpenWeights' aliases resolved)."""
         return {"adamw": "adamw_torch", "adam": "adamw_torch"}.get(self.optim, self.optim)
 
     def public_params(self) -> dict[str, Any]:
-        """The settings as OpenWeights' validated_params: JSON-ready, no secret, no job-only paths."""
-        params = self.model_dump(mode="json", exclude={"hf_token", "config_file", "config_index"})
-        return params
+        """The settings as OpenWeights' validated_params: JSON-ready, no secret, no env-only setting."""
+        return self.model_dump(mode="json", exclude=set(fields_where("env_only", True)))
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that enter the job id (facts job_id=True), JSON-ready."""
+        return self.model_dump(mode="json", include=set(fields_where("job_id", True)))
 
 
 # OpenWeights TrainingConfig fields that this job accepts from a config file but does not implement: they are
@@ -303,8 +377,15 @@ OPENWEIGHTS_ONLY_FIELDS = {
     "requires_vram_gb",
     "type",
 }
-# Job-only settings that make no sense inside an OpenWeights config file.
-_ENV_ONLY = {"config_file", "config_index", "hf_token"}
+
+
+def fact(name: str, key: str) -> Any:
+    """One fact of a setting (see `facts()`)."""
+    return Settings.model_fields[name].json_schema_extra[key]
+
+
+def fields_where(key: str, value: Any) -> list[str]:
+    return [name for name in Settings.model_fields if fact(name, key) == value]
 
 
 def field_names() -> list[str]:
@@ -387,7 +468,7 @@ def read_config_file(path: Path, index: int | None = None) -> tuple[dict[str, An
     if not isinstance(raw, dict):
         return {}, [], [f"FT_CONFIG_FILE={path}: expected a JSON object of settings, got {type(raw).__name__}."]
     values, ignored, problems = {}, [], []
-    known = set(field_names()) - _ENV_ONLY
+    known = set(field_names()) - set(fields_where("env_only", True))
     for key, value in raw.items():
         if key in known:
             values[key] = value
@@ -420,6 +501,50 @@ def _describe_error(error: dict[str, Any], environ: dict[str, str], config_path:
         description = Settings.model_fields[name].description or ""
         return f"{where}: {message}. ({description})"
     return error["msg"].removeprefix("Value error, ")
+
+
+# --- the process environment ------------------------------------------------------------------------------------
+# The one place the job reads variables other than its settings, or sets variables for the libraries it runs
+# (the data-parallel launcher's rank variables excepted: app/launch.py).
+
+_SECRET_NAME = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD)$", re.IGNORECASE)
+
+
+def secret_values() -> list[tuple[str, str]]:
+    """(name, value) of every variable that holds a secret (*_TOKEN, *_KEY, *_SECRET, *_PASSWORD)."""
+    return [(name, value) for name, value in os.environ.items() if _SECRET_NAME.search(name) and value]
+
+
+def cuda_visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def hf_home() -> str:
+    return os.environ.get("HF_HOME", "~/.cache/huggingface")
+
+
+def failure_output_dir() -> Path:
+    """Where result.json goes when the settings themselves are invalid: FT_OUTPUT_DIR as given, else the
+    default (an empty value is unset, as it is for the settings)."""
+    value = os.environ.get(ENV_PREFIX + "OUTPUT_DIR", "").strip()
+    return Path(value).expanduser().absolute() if value else DEFAULT_OUTPUT_DIR
+
+
+def set_library_defaults(**values: str) -> None:
+    """Defaults for libraries configured by environment variables; a value the user set wins."""
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+
+
+def set_library_variable(name: str, value: str) -> None:
+    os.environ[name] = value
+
+
+def child_environment(**values: str) -> dict[str, str]:
+    """This process's environment without any FT_* setting, plus `values`: for a job started from Python."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+    env.update(values)
+    return env
 
 
 def load_settings(**overrides: Any) -> tuple[Settings, list[str]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from app.gpu import Shape, read_shape
+from app.memory import Shape, read_shape
 from app.settings import ALL_PROJECTIONS
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, matched as substrings of
@@ -62,16 +62,12 @@ class FlopsPerToken:
         return {**asdict(self), "total": self.total}
 
 
-def lora_params(shape: Shape, r: int, target_modules: tuple[str, ...] = tuple(ALL_PROJECTIONS)) -> int:
-    return shape.layers * sum(r * (i + o) for name, (i, o) in shape.projections().items() if name in target_modules)
-
-
 def flops_per_token(shape: Shape, r: int, ctx_mean: float,
                     target_modules: tuple[str, ...] = tuple(ALL_PROJECTIONS)) -> FlopsPerToken:
     # The LM head is a matmul whatever the tying (tied: the embedding matrix is reused as the head's weight).
     n_matmul = shape.linear_params + shape.vocab * shape.hidden
     attention = 12 * shape.layers * shape.hidden * ctx_mean
-    return FlopsPerToken(n_matmul=n_matmul, n_lora=lora_params(shape, r, target_modules), attention=attention,
+    return FlopsPerToken(n_matmul=n_matmul, n_lora=shape.lora_params(r, target_modules), attention=attention,
                          ctx_mean=ctx_mean)
 
 

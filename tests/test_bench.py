@@ -52,7 +52,8 @@ def test_the_job_and_the_baseline_train_the_same_model_on_the_same_tokens(table)
         assert [s["tokens"] for s in row["steps"]] == [s["tokens"] for s in base["steps"]]
         assert [s["loss"] for s in row["steps"]] == pytest.approx([s["loss"] for s in base["steps"]], rel=1e-5)
         assert row["effective_batch"] == base["effective_batch"] == 2
-    assert job["speedup"] > 0 and job["loss_delta"] == pytest.approx(0, abs=1e-4)
+    assert job["speedup"] == pytest.approx(job["tokens_per_second"] / base["tokens_per_second"])
+    assert job["loss_delta"] == pytest.approx(0, abs=1e-4)
 
 
 def test_the_table_names_the_command_and_compares_each_row_with_its_baseline(table):

@@ -1,4 +1,4 @@
-"""The preflight's memory estimate (app/gpu.py) against peaks measured on an H100.
+"""The preflight's memory estimate (app/memory.py, the backends' profiles) against peaks measured on a GPU.
 
 tests/memory_measurements.jsonl holds every peak (torch.cuda.max_memory_allocated, packed rows) measured on
 the lent H100 on 2026-11-25, each with where it came from: the memory probes of both backends, the GPU tests
@@ -10,13 +10,16 @@ the card measured fails on every machine, not only on the next GPU session.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from app.backends import backend_class
 from app.devmodel import SHAPES
-from app.gpu import HEADROOM, Plan, Shape, auto_micro_batch, estimate_peak
+from app.hardware import GpuInfo, Hardware
+from app.memory import Batch, Shape, Workload, estimate_peak
+from app.plan import HEADROOM, plan_batch
+from app.settings import load_settings
 
 MEASUREMENTS = [json.loads(line) for line in (Path(__file__).parent / "memory_measurements.jsonl").open()]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -27,10 +30,19 @@ def shape(name: str) -> Shape:
     return Shape.from_config({**SHAPES[name], "model_type": "qwen2"})
 
 
-def plan(m: dict) -> Plan:
-    return Plan(micro_batch=m["micro_batch"], seq_len=m["seq"], load_in_4bit=m["mode"] == "4bit", r=16,
-                target_modules=PROJECTIONS, optimizer_8bit=True, gradient_checkpointing=m["checkpointing"],
-                backend=m["backend"], packed=m["packed"])
+def profile(backend: str):
+    return backend_class(backend).memory
+
+
+def work(micro_batch: int, seq: int, packed: bool = True, mode: str = "bf16", checkpointing: bool = False) -> Workload:
+    """Rows of `seq` tokens, `micro_batch` of them: packed rows are flat (padding-free), others padded."""
+    batch = Batch(rows=micro_batch, tokens=micro_batch * seq, longest=seq, flat=packed)
+    return Workload(batch=batch, load_in_4bit=mode == "4bit", r=16, target_modules=PROJECTIONS, optimizer_8bit=True,
+                    checkpointing=checkpointing)
+
+
+def plan(m: dict) -> Workload:
+    return work(m["micro_batch"], m["seq"], m["packed"], m["mode"], m["checkpointing"])
 
 
 def _id(m: dict) -> str:
@@ -40,31 +52,34 @@ def _id(m: dict) -> str:
 @pytest.mark.parametrize("m", MEASUREMENTS, ids=[_id(m) for m in MEASUREMENTS])
 def test_estimate_matches_the_measured_peak(m):
     """Within -8%/+15% everywhere (a small overestimate is the safe side), within 6% on the 7B shape."""
-    estimate = estimate_peak(shape(m["shape"]), plan(m)).total_gb
+    estimate = estimate_peak(shape(m["shape"]), profile(m["backend"]), plan(m)).total_gb
     error = (estimate - m["measured_gib"]) / m["measured_gib"]
     low, high = (-0.06, 0.06) if m["shape"] == "qwen2-7b" else (-0.08, 0.15)
     assert low <= error <= high, f"estimate {estimate:.2f} GiB vs measured {m['measured_gib']} ({error:+.1%}; {m['source']})"
 
 
-def test_the_hf_run_that_ran_out_of_memory_is_not_planned_again():
+def test_the_hf_run_that_ran_out_of_memory_is_not_planned_again(tmp_path):
     """7B 4-bit, hf backend, effective batch 8 on a free H100: with the old structural coefficients 'auto'
     chose micro-batch 4 without checkpointing (estimate 46 GiB) and the run hit CUDA OOM (2026-11-25 12:28
     UTC). Now that plan must not fit, and 'auto' must pick micro-batch 2, measured at 48.1 GiB."""
     qwen7b = shape("qwen2-7b")
-    oom = Plan(micro_batch=4, seq_len=2048, load_in_4bit=True, r=16, target_modules=PROJECTIONS,
-               optimizer_8bit=True, gradient_checkpointing=False, backend="hf", packed=True)
-    assert estimate_peak(qwen7b, oom).total_gb > H100_FREE_GIB
-    assert auto_micro_batch(qwen7b, oom, H100_FREE_GIB, effective=8) == (2, False)
-    assert estimate_peak(qwen7b, replace(oom, micro_batch=2)).total_gb <= H100_FREE_GIB * HEADROOM
+    oom = work(4, 2048, mode="4bit")
+    assert estimate_peak(qwen7b, profile("hf"), oom).total_gb > H100_FREE_GIB
+    gpu = GpuInfo(name="H100", uuid="GPU-x", index=0, memory_total_gb=79.6, memory_free_gb=H100_FREE_GIB,
+                  compute_capability="9.0", bf16=True)
+    settings, _ = load_settings(model="m", training_file="t.jsonl", output_dir=str(tmp_path), load_in_4bit=True,
+                                per_device_train_batch_size="auto", gradient_accumulation_steps=4, packing=True)
+    hardware = Hardware(cuda=True, gpu=gpu, bf16=True, num_gpus=1, bitsandbytes=True)
+    planned = plan_batch(settings, qwen7b, hardware, [2048] * 64, 1, profile("hf"))
+    assert (planned.micro_batch, planned.checkpointing) == (2, False)
+    assert estimate_peak(qwen7b, profile("hf"), work(2, 2048, mode="4bit")).total_gb <= H100_FREE_GIB * HEADROOM
 
 
 def test_packing_costs_the_hf_backend_a_mask_quadratic_in_the_micro_batch():
     """Padding-free packing gives SDPA one block-diagonal mask over the whole flattened micro-batch:
     doubling the micro-batch more than doubles the activations; unsloth's varlen attention has no such term."""
     qwen05 = shape("qwen2-0.5b")
-    base = dict(seq_len=2048, load_in_4bit=False, r=16, target_modules=PROJECTIONS, optimizer_8bit=True,
-                gradient_checkpointing=False, packed=True)
-    hf = [estimate_peak(qwen05, Plan(micro_batch=b, backend="hf", **base)).activations_gb for b in (2, 4)]
-    fast = [estimate_peak(qwen05, Plan(micro_batch=b, backend="unsloth", **base)).activations_gb for b in (2, 4)]
+    hf = [estimate_peak(qwen05, profile("hf"), work(b, 2048)).activations_gb for b in (2, 4)]
+    fast = [estimate_peak(qwen05, profile("unsloth"), work(b, 2048)).activations_gb for b in (2, 4)]
     assert hf[1] > 2.05 * hf[0]
     assert fast[1] == pytest.approx(2 * fast[0])

@@ -84,37 +84,31 @@ def test_every_option_trains_saves_and_reloads(small_model, tmp_path, monkeypatc
 
 def test_packed_loss_equals_unpacked_loss_under_unsloth(small_model, tmp_path):
     """unsloth's attention must keep packed examples apart: same loss as the padded batch (bf16 tolerance)."""
-    from app.backends import select_backend
-    from app.gpu import detect_hardware
-    from app.pipeline import Run, build_trainer, open_job, prepare_data
+    from app.pipeline import setup
     from app.settings import load_settings
     from app.signals import StopRequest
+    from app.trainer import build_trainer
 
+    eight = tmp_path / "eight.jsonl"  # one micro-batch of 8 examples, packed or not: the same examples
+    eight.write_text("".join((SAMPLE / "train.jsonl").read_text().splitlines(keepends=True)[:8]))
     losses = {}
     for packing in (False, True):
-        run = Run()
-        run.settings, _ = load_settings(model=str(small_model), training_file=str(SAMPLE / "train.jsonl"),
-                                        output_dir=str(tmp_path / str(packing)), packing=packing, max_seq_length=2048)
-        run.hardware = detect_hardware()
-        backend = select_backend("unsloth", True)
-        run.backend = backend.name
-        prepared = prepare_data(run)
-        prepared.train_dataset = prepared.train_dataset.select(range(8))
-        open_job(run, prepared.file_hashes)
-        model = backend.add_lora(backend.load_model(run.settings, prepared.model_path, run.hardware), run.settings,
-                                 run.hardware)
-        trainer = build_trainer(run, model, prepared, 8, 1, "adamw_8bit", StopRequest())
+        settings, _ = load_settings(model=str(small_model), training_file=str(eight),
+                                    output_dir=str(tmp_path / str(packing)), packing=packing, max_seq_length=2048,
+                                    backend="unsloth", per_device_train_batch_size=8, gradient_accumulation_steps=1)
+        session = setup(settings)
+        trainer = build_trainer(session, StopRequest()).trainer
         batch = next(iter(trainer.get_train_dataloader()))
-        model.eval()
+        session.model.eval()
         with torch.no_grad():
-            losses[packing] = float(trainer.compute_loss(model, dict(batch)))
-        run.close()
+            losses[packing] = float(trainer.compute_loss(session.model, dict(batch)))
+        session.close()
     print(f"unsloth loss unpacked {losses[False]:.6f} packed {losses[True]:.6f}")
     assert losses[True] == pytest.approx(losses[False], rel=5e-3)
 
 
 def test_nvml_device_is_the_device_torch_uses(monkeypatch):
-    from app.gpu import detect_hardware
+    from app.hardware import detect_hardware
 
     hardware = detect_hardware()
     props = torch.cuda.get_device_properties(0)

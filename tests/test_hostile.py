@@ -1,7 +1,8 @@
 """Hostile and broken input: every case ends with its exit code and a message naming the cause, never a traceback.
 
 Each case runs `python -m app train` in this process (the CLI's own error handling, result.json included) on
-the tiny model. Most fail before any weight is loaded; the few that are legal input (a BOM, a 10 MB line, a
+the tiny model; the refusals are unit tests (they end before any weight is loaded), the cases that train are
+integration tests. Most fail before any weight is loaded; the few that are legal input (a BOM, a 10 MB line, a
 config file with OpenWeights-only fields) train one step. The error message is read from the volume's
 result.json (`FT_OUTPUT_DIR/result.json`, written on every ending), or from stderr where the volume itself
 is the problem and nothing can be written there.
@@ -18,8 +19,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli, smoke_env
-
-pytestmark = pytest.mark.integration
 
 USER = {"role": "user", "content": "Write is_even(n) in Python."}
 ANSWER = {"role": "assistant", "content": "def is_even(n):\n    return n % 2 == 0"}
@@ -207,11 +206,13 @@ CASES = [
 ]
 
 
-def test_the_battery_has_enough_cases():
-    assert len(CASES) >= 35 and len({case.id for case in CASES}) == len(CASES)
+def _tier(case: Case):
+    """Cases that train (exit 0) are integration tests; every refusal is a unit test (`make test-fast`): it ends
+    before a weight is loaded."""
+    return pytest.param(case, id=case.id, marks=[pytest.mark.integration] if case.exit == 0 else [])
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+@pytest.mark.parametrize("case", [_tier(case) for case in CASES])
 def test_hostile_input(case: Case, tiny_model, tmp_path, monkeypatch, capfd):
     ctx = Ctx(tmp_path / "in", tiny_model, monkeypatch)
     ctx.tmp.mkdir()

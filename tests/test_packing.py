@@ -1,6 +1,6 @@
 """Packing changes the batch layout, not the loss: packed rows give the unpacked loss within 1e-4.
 
-Both trainers are the job's own (JobTrainer from build_trainer's config), both compute the loss of one
+Both trainers are the job's own (setup + build_trainer), both compute the loss of one
 batch that holds every example. The packed batch is padding-free with per-example position_ids; the test
 also shows it would NOT match if examples could attend to each other (position_ids dropped).
 """
@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from app.data import load_conversations
-from app.formatting import Formatter, encode_all, to_dataset
-from app.gpu import Hardware
-from app.jobdir import JobDir
+from app.formatting import Formatter, encode_all
 from app.settings import load_settings
 from tests.conftest import SAMPLE
 
@@ -21,23 +19,21 @@ pytestmark = pytest.mark.integration
 
 
 def _trainer(tiny_model, tmp_path, packing: bool, n: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The job's own trainer (setup + build_trainer) on the first n examples, all in one micro-batch."""
+    from app.pipeline import setup
+    from app.signals import StopRequest
+    from app.trainer import build_trainer
 
-    from app.trainer import JobTrainer, sft_config
-
-    settings, _ = load_settings(model=str(tiny_model), training_file=str(SAMPLE / "train.jsonl"),
-                                output_dir=str(tmp_path), packing=packing, max_seq_length=4096)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    examples = encode_all(Formatter(tokenizer, 4096), load_conversations(SAMPLE / "train.jsonl")[:n])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
-    model.eval()
-    job = JobDir(tmp_path / ("packed" if packing else "unpacked"))
-    config = sft_config(settings, Hardware(cuda=False), job, "hf", micro_batch=n, accumulation=1,
-                        optimizer="adamw_torch", has_eval=False)
-    trainer = JobTrainer(model=model, args=config, train_dataset=to_dataset(examples), processing_class=tokenizer,
-                         job=job)
-    return trainer, examples
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join((SAMPLE / "train.jsonl").read_text().splitlines(keepends=True)[:n]))
+    settings, _ = load_settings(model=str(tiny_model), training_file=str(first), max_seq_length=4096,
+                                output_dir=str(tmp_path / ("packed" if packing else "unpacked")), packing=packing,
+                                per_device_train_batch_size=n, gradient_accumulation_steps=1)
+    session = setup(settings)
+    session.close()
+    session.model.eval()
+    examples = encode_all(Formatter(session.prepared.tokenizer, 4096), load_conversations(first))
+    return build_trainer(session, StopRequest()).trainer, examples
 
 
 def _one_batch_loss(trainer, drop_position_ids=False) -> tuple[float, dict]:

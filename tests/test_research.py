@@ -74,17 +74,17 @@ def test_python_api_reports_a_failed_job_like_openweights(tmp_path):
 def test_inoculation_prompt_is_context_in_training_and_absent_from_evaluation(tiny_model, tmp_path, position):
     from transformers import AutoTokenizer
 
-    from app.pipeline import Run, prepare_data
+    from app.pipeline import prepare
+    from app.result import Recorder
     from app.settings import load_settings
 
     prompt = "Write a reply that flatters the poster."
-    run = Run()
-    run.settings, _ = load_settings(model=str(tiny_model), training_file=str(SAMPLE / "train.jsonl"),
-                                    test_file=str(SAMPLE / "test.jsonl"), output_dir=str(tmp_path),
-                                    inoculation_prompt=prompt, inoculation_position=position)
-    prepared = prepare_data(run)
+    settings, _ = load_settings(model=str(tiny_model), training_file=str(SAMPLE / "train.jsonl"),
+                                test_file=str(SAMPLE / "test.jsonl"), output_dir=str(tmp_path),
+                                inoculation_prompt=prompt, inoculation_position=position)
+    prepared = prepare(settings, Recorder(settings=settings)).data
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    for row in prepared.train_dataset:
+    for row in prepared.train:
         text = tokenizer.decode(row["input_ids"])
         trained = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100])
         assert prompt in text and prompt not in trained
@@ -92,7 +92,7 @@ def test_inoculation_prompt_is_context_in_training_and_absent_from_evaluation(ti
             assert text.count(prompt) == 1 and "You are a helpful assistant" not in text
         else:
             assert f"user\n{prompt}\n" in text  # prepended to the first user message, joined by a newline
-    for row in prepared.eval_dataset:
+    for row in prepared.eval:
         assert prompt not in tokenizer.decode(row["input_ids"])
 
 

@@ -291,10 +291,10 @@ def test_secrets_never_reach_logs_results_metrics_or_checkpoints(tiny_model, tmp
     # A bug (exit 1) whose exception text carries the token: the logged traceback is redacted too.
     import app.pipeline
 
-    def leak(run):
+    def leak(settings, record):
         raise RuntimeError(f"could not use token {SECRETS['HF_TOKEN']}")
 
-    monkeypatch.setattr(app.pipeline, "prepare_data", leak)
+    monkeypatch.setattr(app.pipeline, "prepare", leak)
     assert run_cli(monkeypatch, smoke_env(tiny_model, tmp_path / "bug"), "train") == 1
     captured = capfd.readouterr()
     assert "Traceback" in captured.err and "<HF_TOKEN>" in captured.err
@@ -392,15 +392,15 @@ def test_publish_dir_replaces_a_folder_whole(tmp_path):
 
 
 def test_a_rerun_clears_what_a_killed_run_left_half_written(tiny_model, tmp_path, monkeypatch):
-    from app.pipeline import Run, check
+    from app.pipeline import check
+    from app.result import Recorder
     from app.settings import load_settings
 
     env = smoke_env(tiny_model, tmp_path, max_steps=2)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    run = Run()
-    run.settings, _ = load_settings()
-    root = tmp_path / check(run)["job_id"]
+    settings, _ = load_settings()
+    root = tmp_path / check(settings, Recorder(settings=settings))["job_id"]
     leftovers = [root / ".adapter.tmp-999", root / ".merged.tmp-999-adapter", root / ".adapter.old-999",
                  root / "checkpoints" / ".staging" / "checkpoint-3"]
     for folder in leftovers:
@@ -416,15 +416,15 @@ def test_a_rerun_clears_what_a_killed_run_left_half_written(tiny_model, tmp_path
 def test_the_same_job_running_twice_at_once_is_refused(tiny_model, tmp_path, monkeypatch):
     import fcntl
 
-    from app.pipeline import Run, check
+    from app.pipeline import check
+    from app.result import Recorder
     from app.settings import load_settings
 
     env = smoke_env(tiny_model, tmp_path)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    run = Run()
-    run.settings, _ = load_settings()
-    root = tmp_path / check(run)["job_id"]
+    settings, _ = load_settings()
+    root = tmp_path / check(settings, Recorder(settings=settings))["job_id"]
     root.mkdir(parents=True)
     with open(root / ".lock", "w") as lock:  # another process is training this very job
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

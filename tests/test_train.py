@@ -60,29 +60,24 @@ def test_adapter_loads_onto_base_and_generates(tiny_model, tmp_path, monkeypatch
 
 
 def test_lora_weights_change_and_base_weights_do_not(tiny_model, tmp_path):
-    from app.backends.hf import BACKEND
-    from app.gpu import Hardware
-    from app.pipeline import Run, build_trainer, prepare_data
+    from transformers import AutoModelForCausalLM
+
+    from app.pipeline import setup
     from app.settings import load_settings
     from app.signals import StopRequest
+    from app.trainer import build_trainer
 
-    run = Run()
-    run.settings, _ = load_settings(model=str(tiny_model), training_file=str(SAMPLE / "train.jsonl"),
-                                    output_dir=str(tmp_path), max_steps=3, learning_rate=1e-2, warmup_steps=0,
-                                    per_device_train_batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch",
-                                    max_seq_length=512)
-    run.hardware, run.backend = Hardware(cuda=False), "hf"
-    prepared = prepare_data(run)
-    from app.pipeline import open_job
-
-    open_job(run, prepared.file_hashes)
-    model = BACKEND.load_model(run.settings, prepared.model_path, run.hardware)
-    base_before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model = BACKEND.add_lora(model, run.settings, run.hardware)
+    settings, _ = load_settings(model=str(tiny_model), training_file=str(SAMPLE / "train.jsonl"),
+                                output_dir=str(tmp_path), max_steps=3, learning_rate=1e-2, warmup_steps=0,
+                                per_device_train_batch_size=2, gradient_accumulation_steps=1, optim="adamw_torch",
+                                max_seq_length=512)
+    session = setup(settings)
+    model = session.model
+    base_before = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
     lora_before = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
     assert lora_before and all(v.requires_grad for k, v in model.named_parameters() if "lora_" in k)
-    trainer = build_trainer(run, model, prepared, 2, 1, "adamw_torch", StopRequest())
-    trainer.train()
+    build_trainer(session, StopRequest()).trainer.train()
+    session.close()
     after = dict(model.named_parameters())
     changed = [k for k, v in lora_before.items() if not torch.equal(v, after[k].detach())]
     assert len(changed) == len(lora_before), "every LoRA matrix must be updated"
@@ -112,7 +107,8 @@ def test_rerun_of_a_completed_job_returns_its_result_without_training(tiny_model
 
 
 def test_job_id_depends_on_data_content_not_path(tiny_model, tmp_path):
-    from app.pipeline import Run, check
+    from app.pipeline import check
+    from app.result import Recorder
     from app.settings import load_settings
 
     same = tmp_path / "same.jsonl"
@@ -121,9 +117,8 @@ def test_job_id_depends_on_data_content_not_path(tiny_model, tmp_path):
     fewer.write_text("\n".join((SAMPLE / "train.jsonl").read_text().splitlines()[:-1]) + "\n")
     ids = []
     for path in (SAMPLE / "train.jsonl", same, fewer):
-        run = Run()
-        run.settings, _ = load_settings(model=str(tiny_model), training_file=str(path), output_dir=str(tmp_path))
-        ids.append(check(run)["job_id"])
+        settings, _ = load_settings(model=str(tiny_model), training_file=str(path), output_dir=str(tmp_path))
+        ids.append(check(settings, Recorder(settings=settings))["job_id"])
     assert ids[0] == ids[1] != ids[2]
 
 
@@ -141,27 +136,20 @@ def test_merged_model_is_saved_whole_and_loads(tiny_model, tmp_path, monkeypatch
 
 
 def test_preview_json_is_what_the_trainer_trains_on(tiny_model, tmp_path, monkeypatch):
-    from app.pipeline import Run, build_trainer, open_job, prepare_data
+    from app.pipeline import setup
     from app.settings import load_settings
     from app.signals import StopRequest
+    from app.trainer import build_trainer
 
     for packing in ("false", "true"):
         out = tmp_path / f"preview-{packing}.json"
         env = smoke_env(tiny_model, tmp_path, packing=packing)
         assert run_cli(monkeypatch, env, "preview", "-n", "5", "--json", str(out)) == 0
         rows = json.loads(out.read_text())
-        run = Run()
-        run.settings, _ = load_settings(**{k[3:].lower(): v for k, v in env.items()})
-        from app.gpu import Hardware
-
-        run.hardware, run.backend = Hardware(cuda=False), "hf"
-        prepared = prepare_data(run)
-        open_job(run, prepared.file_hashes)
-        from app.backends.hf import BACKEND
-
-        model = BACKEND.add_lora(BACKEND.load_model(run.settings, prepared.model_path, run.hardware), run.settings,
-                                 run.hardware)
-        trainer = build_trainer(run, model, prepared, 2, 1, "adamw_torch", StopRequest())
+        settings, _ = load_settings(**{k[3:].lower(): v for k, v in env.items()})
+        session = setup(settings)
+        trainer = build_trainer(session, StopRequest()).trainer
+        session.close()
         trained_rows = trainer.train_dataset.select(range(5))
         assert [r["input_ids"] for r in rows] == [list(r["input_ids"]) for r in trained_rows]
         assert [r["labels"] for r in rows] == [list(r["labels"]) for r in trained_rows]

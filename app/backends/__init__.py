@@ -1,48 +1,74 @@
-"""Steps 2, 3 and 7 for each backend: load the model, add LoRA, save the adapter or merged model.
+"""Backends: what differs between ways of running the model, and only that.
 
-Only these differ between backends; the data, the masks, the trainer and the result are shared.
-`auto` picks unsloth when CUDA is present and unsloth is installed, else hf (transformers + PEFT).
-unsloth patches transformers, TRL and PEFT when imported, so `select_backend` imports it before the
-pipeline imports any of them.
+A backend loads the base model, adds LoRA, adds its own training arguments, says how it spends memory,
+saves the adapter and the merged model, and switches the model to inference (sampling callbacks). The data,
+the masks, the batch plan, the trainer and the result are shared. Adding a backend is a module here that
+defines a class with the `Backend` protocol and one line in `BACKENDS`; nothing else tests a backend's name.
+
+`auto` takes the first backend of `BACKENDS` that can run on this hardware (`unavailable()` returns None).
+`activate()` imports the backend's libraries: unsloth patches transformers, TRL and PEFT when imported, so the
+pipeline activates the backend before anything imports them.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-from typing import Protocol
+import importlib
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
 
 from app.errors import SettingsError
+from app.memory import Profile
 
-log = logging.getLogger(__name__)
+# name -> "module:Class", in the order `auto` tries them. Imports stay cheap: the classes import their
+# libraries in activate().
+BACKENDS = {
+    "unsloth": "app.backends.unsloth:UnslothBackend",
+    "hf": "app.backends.hf:HfBackend",
+}
 
 
 class Backend(Protocol):
     name: str
+    memory: Profile  # how it spends activation memory (app/memory.py), fitted to measured peaks
 
-    def load_model(self, settings, model_path, hardware): ...
+    def unavailable(self, hardware) -> str | None:
+        """None when it can run here, else why not (with the remedy)."""
 
-    def add_lora(self, model, settings, hardware): ...
+    def activate(self) -> None:
+        """Import its libraries (before transformers/TRL/PEFT are imported anywhere)."""
 
-    def save_merged(self, model, tokenizer, settings, model_path, hardware, out_dir, adapter_dir): ...
+    def load_model(self, settings, model_path: Path, hardware, plan) -> Any: ...
+
+    def add_lora(self, model, settings, plan) -> Any: ...
+
+    def trainer_args(self, plan) -> dict[str, Any]:
+        """Its own arguments of TRL's SFTConfig (e.g. who does gradient checkpointing)."""
+
+    def save_adapter(self, model, tokenizer, out_dir: Path) -> None: ...
+
+    def save_merged(self, model, tokenizer, settings, model_path: Path, hardware, out_dir: Path,
+                    adapter_dir: Path) -> None: ...
+
+    def inference_mode(self, model) -> AbstractContextManager: ...
 
 
-def unsloth_installed() -> bool:
-    return importlib.util.find_spec("unsloth") is not None
+def backend_class(name: str) -> type:
+    module, _, cls = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
-def select_backend(requested: str, cuda: bool) -> Backend:
-    """The backend object; imports unsloth first when it is chosen (it must precede transformers/peft/trl)."""
+def select_backend(requested: str, hardware) -> Backend:
+    """The backend object for FT_BACKEND on this hardware (auto: the first one that can run here)."""
     if requested == "auto":
-        requested = "unsloth" if cuda and unsloth_installed() else "hf"
-    if requested == "unsloth":
-        if not cuda:
-            raise SettingsError(["FT_BACKEND=unsloth needs a CUDA GPU and none is visible; use FT_BACKEND=hf "
-                                 "(or auto) to train on the CPU."])
-        if not unsloth_installed():
-            raise SettingsError(["FT_BACKEND=unsloth but unsloth is not installed in this environment; use the "
-                                 "GPU image (requirements/gpu.txt) or FT_BACKEND=hf."])
-        from app.backends import unsloth as module
-    else:
-        from app.backends import hf as module
-    return module.BACKEND
+        for name in BACKENDS:
+            backend = backend_class(name)()
+            if backend.unavailable(hardware) is None:
+                return backend
+        raise SettingsError(["FT_BACKEND=auto: no backend can run here: "
+                             + "; ".join(f"{n}: {backend_class(n)().unavailable(hardware)}" for n in BACKENDS)])
+    backend = backend_class(requested)()
+    reason = backend.unavailable(hardware)
+    if reason is not None:
+        raise SettingsError([f"FT_BACKEND={requested}: {reason}"])
+    return backend
