@@ -120,8 +120,9 @@ def openweights_learning_rate(value: Any) -> Any:
     if rate <= -1:
         return 10**rate
     if rate < 0:
-        raise ValueError(f"{value!r} is negative, which OpenWeights reads as a base-10 exponent: 10**{rate:g} = "
-                         f"{10**rate:.4g}. Write {-rate:g} for that rate, or e.g. -4 for 10**-4")
+        raise ValueError(f"{value!r}: a rate must be greater than 0, and OpenWeights reads a negative value as a "
+                         f"base-10 exponent: 10**{rate:g} = {10**rate:.4g}. Write {-rate:g} for that rate, or e.g. -4 "
+                         "for 10**-4")
     return rate
 
 
