@@ -1,10 +1,21 @@
-"""OpenWeights' research callbacks, run locally during training.
+"""OpenWeights' research callbacks, run locally during training, timed and measured as openweights 0.14.0's
+(jobs/unsloth/logp_callback.py, sampling_callback.py, logprobs.py): at step 0 (before the first optimizer
+step) and then every N steps; here also at the last step, so the final model is always measured.
 
-- logp_callback_datasets {name: file}: every eval_every_n_steps steps (and at the first and last step),
-  the mean log-probability per assistant token of each file -> metrics.jsonl as `logp/<name>`.
-- sampling_callbacks [{dataset, eval_steps, batch_size, tag, temperature, max_tokens}]: the prompts of a
-  file (each conversation up to its last assistant message) answered by the model being trained, every
-  eval_steps steps ("log": at every logging step) -> samples.jsonl, one line per completion.
+- logp_callback_datasets {name: file}, every eval_every_n_steps -> one metrics.jsonl line per file:
+  {"step", "epoch", "type": "logprobs", "tag": name, name: <OpenWeights' value>, "logp/<name>": <ours>}
+  `<name>` is what OpenWeights logs under the dataset's name: a loss (positive), the mean over batches of
+  eval_batch_size conversations of each batch's mean negative log-probability per scored token, summed and
+  divided by len(file) / eval_batch_size (so a short last batch weighs as much as a full one). `logp/<name>`
+  is the mean log-probability per scored token over the whole file (negative; independent of the batch
+  size). Scored tokens: the assistant's when train_on_responses_only (as trained), else every token after the
+  first, as OpenWeights does.
+- sampling_callbacks [{dataset, eval_steps, batch_size, tag, temperature, max_tokens}], every eval_steps
+  steps ("log": at every logging step) -> samples.jsonl, one line per conversation and sampling:
+  {"step", "tag", "index", "messages", "completion", "temperature"}. Each conversation of the file is the
+  prompt, rendered with the chat template's generation prompt; a trailing assistant message is a prefill
+  (its text is appended after the generation prompt, and the completion is what the model writes after it,
+  without the prefill), as in OpenWeights.
 """
 
 from __future__ import annotations
@@ -28,10 +39,16 @@ def _append(path, records: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def mean_logp(model, examples, pad_id: int, batch_size: int) -> float:
-    """Mean log-probability per trained (assistant) token over encoded examples."""
+# Keys of metrics.jsonl lines that a logp dataset's name must not overwrite (its value stays under logp/<name>).
+_RESERVED_KEYS = {"step", "epoch", "type", "tag", "loss", "eval_loss", "learning_rate", "grad_norm"}
+
+
+def mean_logp(model, examples, pad_id: int, batch_size: int) -> tuple[float, float]:
+    """(mean log-probability per scored token over all examples, OpenWeights' logged value: the sum over
+    batches of each batch's mean negative log-probability per scored token, divided by len(examples) /
+    batch_size)."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, openweights_sum = 0.0, 0, 0.0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         width = max(len(e.input_ids) for e in batch)
@@ -48,9 +65,12 @@ def mean_logp(model, examples, pad_id: int, batch_size: int) -> float:
         target = labels[:, 1:]
         valid = target != IGNORE
         logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total += float((logp * valid).sum())
-        count += int(valid.sum())
-    return total / max(count, 1)
+        batch_total, batch_count = float((logp * valid).sum()), int(valid.sum())
+        total += batch_total
+        count += batch_count
+        if batch_count:
+            openweights_sum += -batch_total / batch_count
+    return total / max(count, 1), openweights_sum / (len(examples) / batch_size)
 
 
 class LogpCallback(TrainerCallback):
@@ -58,13 +78,21 @@ class LogpCallback(TrainerCallback):
         self.name, self.examples, self.tokenizer = name, examples, tokenizer
         self.every, self.batch_size, self.metrics_path = every, batch_size, metrics_path
         self.inference_mode = inference_mode  # the backend's: eval mode, no gradients (and its fast path)
+        if name in _RESERVED_KEYS:
+            log.warning("logp_callback_datasets: %r is a key of metrics.jsonl; its values are logged as logp/%s only",
+                        name, name)
 
     def _measure(self, state, model) -> None:
         with self.inference_mode(model):
-            value = mean_logp(model, self.examples, self.tokenizer.pad_token_id, self.batch_size)
-        _append(self.metrics_path, [{"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-                                     f"logp/{self.name}": value}])
-        log.info("logp/%s at step %d: %.4f", self.name, state.global_step, value)
+            value, openweights = mean_logp(model, self.examples, self.tokenizer.pad_token_id, self.batch_size)
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "type": "logprobs",
+                  "tag": self.name}
+        if self.name not in _RESERVED_KEYS:
+            record[self.name] = openweights
+        record[f"logp/{self.name}"] = value
+        _append(self.metrics_path, [record])
+        log.info("logp %s at step %d: %.4f (mean log-prob per token %.4f)", self.name, state.global_step,
+                 openweights, value)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
@@ -95,7 +123,7 @@ class SamplingCallback(TrainerCallback):
             with self.inference_mode(model):
                 for start in range(0, len(self.prompts), cfg.batch_size):
                     batch = self.prompts[start : start + cfg.batch_size]
-                    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
+                    texts = [render_prompt(tok, messages) for messages in batch]
                     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                     kwargs = dict(max_new_tokens=cfg.max_tokens, pad_token_id=tok.pad_token_id, use_cache=True)
                     if cfg.temperature > 0:
@@ -114,6 +142,10 @@ class SamplingCallback(TrainerCallback):
         _append(self.path, records)
         log.info("%s: %d samples at step %d -> %s", cfg.tag, len(records), state.global_step, self.path.name)
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:  # not again when resuming
+            self.sample(state, model)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self._due(state):
             self.sample(state, model)
@@ -123,14 +155,19 @@ class SamplingCallback(TrainerCallback):
             self.sample(state, model)
 
 
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The text the model continues: the conversation and the generation prompt; a trailing assistant message
+    is a prefill, appended after the generation prompt (OpenWeights' sampling_callback._sample)."""
+    if messages[-1]["role"] == "assistant":
+        head = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        return head + messages[-1]["content"]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def prompts_of(path) -> list[list[dict]]:
-    """Each conversation of a file up to (not including) its last assistant message."""
-    prompts = []
-    for conversation in load_conversations(path, "FT_SAMPLING_CALLBACKS", require_assistant=False):
-        messages = conversation.messages
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-        prompts.append([{"role": m["role"], "content": m["content"]} for m in messages[:last]])
-    return prompts
+    """Each conversation of a file (role and content), a trailing assistant message included as the prefill."""
+    conversations = load_conversations(path, "FT_SAMPLING_CALLBACKS", require_assistant=False)
+    return [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in conversations]
 
 
 def research_callbacks(settings, tokenizer, job, backend) -> list[TrainerCallback]:
@@ -141,7 +178,7 @@ def research_callbacks(settings, tokenizer, job, backend) -> list[TrainerCallbac
     if not is_main():
         return callbacks
     for name, path in settings.logp_callback_datasets.items():
-        formatter = Formatter(tokenizer, settings.max_seq_length, train_on_responses_only=True)
+        formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only)
         examples = encode_all(formatter, load_conversations(path, f"FT_LOGP_CALLBACK_DATASETS[{name}]"))
         callbacks.append(LogpCallback(name, examples, tokenizer, settings.eval_every_n_steps,
                                       settings.eval_batch_size, job.metrics, backend.inference_mode))

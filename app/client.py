@@ -1,15 +1,20 @@
-"""A Python API for pipelines that call OpenWeights today: same parameters in, same result dict out.
+"""A Python API for pipelines that call OpenWeights today: the same parameters in, a job object out.
 
     from app.client import fine_tune
 
-    result = fine_tune(model="unsloth/Qwen2-7B", training_file="data/code_train.jsonl", r=8, lora_alpha=16, ...)
-    adapter = result["params"]["validated_params"]["finetuned_model_id"]   # as with OpenWeights
-    if result["status"] != "completed": print(result["error"]["message"])
+    job = fine_tune(model="unsloth/Qwen2-7B", training_file="data/code_train.jsonl", r=8, lora_alpha=16, ...)
+    adapter = job.params["validated_params"]["finetuned_model_id"]   # as with OpenWeights
+    if job.status != "completed": print(job.error["message"])       # job["status"] works too
 
-The job runs as `python -m app train` in a child process (its own CUDA context, unsloth imported first, the
-GPU memory returned when it ends), with the parameters written to an OpenWeights-style config file: they are
+`fine_tune(**params)` takes what `ow.fine_tuning.create(**params)` takes: TrainingConfig's fields (an
+OpenWeights `validated_params` passes unchanged, `training_file` and `test_file` as local paths) and create()'s
+own `requires_vram_gb`, `allowed_hardware`, `docker_image` (cloud scheduling: listed in ignored_params). The
+job runs as `python -m app train` in a child process (its own CUDA context, unsloth imported first, the GPU
+memory returned when it ends), with the parameters written to an OpenWeights-style config file: they are
 validated exactly as FT_CONFIG_FILE is (unknown keys refused, OpenWeights-only ones listed in ignored_params).
-FT_* variables of the calling process are not passed on: the call's parameters are the settings.
+OpenWeights' `output_dir` is one of those: the outputs go to `ft_output_dir` (the child's FT_OUTPUT_DIR), never
+to the checkpoint folder a validated_params names. FT_* variables of the calling process are not passed on:
+the call's parameters are the settings.
 """
 
 from __future__ import annotations
@@ -29,12 +34,30 @@ class FineTuneError(RuntimeError):
     """The job ended without writing a result (it could not start, or was killed)."""
 
 
-def fine_tune(output_dir: str | os.PathLike = "output", backend: str = "auto", timeout: float | None = None,
-              **params: Any) -> dict[str, Any]:
-    """Train with OpenWeights `validated_params` (`training_file` and `test_file` as local paths); return the
-    job's result.json as a dict. A failed or interrupted job returns its result (status, error), like
-    OpenWeights' job object; it does not raise."""
-    output_dir = Path(output_dir).resolve()
+class FineTuneJob(dict):
+    """result.json as OpenWeights' users read a job: `job.status` and `job["status"]` alike.
+
+    A plain dict underneath (json.dumps, ==, copy and pickle as usual); keys read as attributes. The job has
+    ended when fine_tune() returns, so refresh() has nothing to fetch and returns the job itself."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no key or attribute {name!r}") from None
+
+    def refresh(self) -> FineTuneJob:
+        return self
+
+
+def fine_tune(ft_output_dir: str | os.PathLike = "output", backend: str = "auto", timeout: float | None = None,
+              **params: Any) -> FineTuneJob:
+    """Train with OpenWeights parameters; return the job's result.json as a FineTuneJob. A failed or
+    interrupted job returns its result (status, error), like OpenWeights' job object; it does not raise.
+
+    ft_output_dir: the volume the job writes <job_id>/ and result.json to (FT_OUTPUT_DIR of the child).
+    backend: FT_BACKEND. timeout: seconds before the child is killed (subprocess.TimeoutExpired)."""
+    output_dir = Path(ft_output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     from app.settings import child_environment
 
@@ -51,4 +74,4 @@ def fine_tune(output_dir: str | os.PathLike = "output", backend: str = "auto", t
         os.unlink(env["FT_CONFIG_FILE"])
     if not top.exists() or top.stat().st_mtime_ns == before:
         raise FineTuneError(f"the job exited with code {proc.returncode} without writing {top}; see its log above")
-    return json.loads(top.read_text())
+    return FineTuneJob(json.loads(top.read_text()))

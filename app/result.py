@@ -2,12 +2,26 @@
 
 Written atomically on every ending (completed, failed, interrupted), into the job directory and as a copy
 at FT_OUTPUT_DIR/result.json. No secret ever enters it: params come from Settings.public_params().
+
+It also carries every field that openweights' own `Job` dataclass requires (openweights 0.14.0,
+client/jobs.py), so `Job.from_row(result, manager)` reads it as it reads a row of OpenWeights' jobs table. The
+fields that describe OpenWeights' cloud scheduling get what is true of a local run:
+
+    requires_vram_gb  the preflight's estimate of the peak GPU memory, rounded up (null without a GPU)
+    docker_image      null: the image's name is not knowable from inside the container
+    script            "python -m app train", the command that wrote the result
+    organization_id   null: no OpenWeights organisation
+    updated_at        = finished_at
+    worker_id         the host name (the pod's name on Kubernetes)
+    timeout           null: the job sets no deadline of its own
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import math
+import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,6 +70,8 @@ def build_result(
 ) -> dict[str, Any]:
     if error is not None:
         error = {**error, "message": redact(error["message"])}
+    finished_at = now()
+    estimate = (gpu or {}).get("estimated_peak_gb")
     result = {
         "id": job_id,
         "type": "fine-tuning",
@@ -69,7 +85,15 @@ def build_result(
         "error": error,
         "data": data or {},
         "created_at": created_at,
-        "finished_at": now(),
+        "finished_at": finished_at,
+        # openweights' Job: the fields it requires beyond the ones above (see the module's docstring)
+        "requires_vram_gb": math.ceil(estimate) if estimate else None,
+        "docker_image": None,
+        "script": "python -m app train",
+        "organization_id": None,
+        "updated_at": finished_at,
+        "worker_id": socket.gethostname(),
+        "timeout": None,
     }
     result.update(extra or {})
     return result

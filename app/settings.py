@@ -9,8 +9,11 @@ file. Defaults are OpenWeights' except `merge_before_push` (false: adapter only)
 
 from __future__ import annotations
 
+import ast
 import difflib
 import json
+import math
+import operator
 import os
 import re
 from pathlib import Path
@@ -93,6 +96,52 @@ def _json(value: Any) -> Any:
     return value
 
 
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+def _arithmetic(node: ast.AST) -> float:
+    """Numbers and + - * / ** only, in floats (10**10**10 overflows at once instead of building a huge int)."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _ARITHMETIC:
+        return _ARITHMETIC[type(node.op)](_arithmetic(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+        return _ARITHMETIC[type(node.op)](_arithmetic(node.left), _arithmetic(node.right))
+    raise ValueError(f"{type(node).__name__} is not allowed")
+
+
+def openweights_learning_rate(value: Any) -> Any:
+    """learning_rate as OpenWeights 0.14.0 reads it (sft.py: `eval(lr)` if a string, then `10**lr` if negative),
+    without eval: a string is a short arithmetic expression of numbers. A negative value in (-1, 0) would be a
+    rate above 0.1 (10**-0.0001 = 0.9998), never meant: refused. 0 is left to the field's bound (> 0)."""
+    if isinstance(value, bool):
+        raise ValueError("is a boolean, expected a number")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if len(text) > 64:
+                raise ValueError("too long")
+            rate = _arithmetic(ast.parse(text, mode="eval").body)
+            if not (isinstance(rate, float) and math.isfinite(rate)):
+                raise ValueError("not a finite real number")
+        except (SyntaxError, ValueError, ArithmeticError, TypeError) as err:
+            why = "out of range" if isinstance(err, OverflowError) else err.msg if isinstance(err, SyntaxError) else err
+            raise ValueError(f"{value!r} is not a number or an arithmetic expression of numbers ({why}); write e.g. "
+                             "1e-4, 2*1e-5, or -4 for 10**-4") from None
+    elif isinstance(value, (int, float)):
+        rate = float(value)
+    else:
+        return value  # pydantic reports the type
+    if rate <= -1:
+        return 10**rate
+    if rate < 0:
+        raise ValueError(f"{value!r}: a rate must be greater than 0, and OpenWeights reads a negative value as a "
+                         f"base-10 exponent: 10**{rate:g} = {10**rate:.4g}. Write {-rate:g} for that rate, or e.g. -4 "
+                         "for 10**-4")
+    return rate
+
+
 class Settings(BaseSettings):
     """One validated job configuration. Build it with `load_settings()`, not at import.
 
@@ -144,8 +193,10 @@ class Settings(BaseSettings):
 
     # --- optimisation ----------------------------------------------------------------------------------
     epochs: int = Field(1, gt=0, description="Passes over the training file.", json_schema_extra=facts(True, unit="epochs"))
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.",
-                                  json_schema_extra=facts(True, unit="optimizer steps"))
+    max_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps; overrides epochs when set (0 or empty: unset, as in OpenWeights).",
+        json_schema_extra=facts(True, unit="optimizer steps"),
+    )
     per_device_train_batch_size: int | Literal["auto"] = Field(
         2,
         description="Examples (or packed rows) per micro-batch; 'auto' picks the largest that fits the GPU and "
@@ -154,7 +205,13 @@ class Settings(BaseSettings):
     )
     gradient_accumulation_steps: int = Field(8, gt=0, description="Micro-batches per optimizer step.",
                                              json_schema_extra=facts(True, unit="micro-batches"))
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.", json_schema_extra=TRAINS)
+    learning_rate: float = Field(
+        1e-4,
+        gt=0,
+        description="Peak learning rate: a number or an arithmetic expression ('2*1e-5'); a negative value is a "
+        "base-10 exponent (-4 means 1e-4), as OpenWeights reads it.",
+        json_schema_extra=TRAINS,
+    )
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up, in optimizer steps.",
                               json_schema_extra=facts(True, unit="optimizer steps"))
     weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay (AdamW).", json_schema_extra=TRAINS)
@@ -162,8 +219,10 @@ class Settings(BaseSettings):
     lr_scheduler_type: Scheduler = Field("linear", description="Learning-rate schedule after warm-up.",
                                          json_schema_extra=TRAINS)
     seed: int = Field(3407, ge=0, description="Seed of data order, LoRA init and dropout.", json_schema_extra=TRAINS)
-    packing: bool = Field(False, description="Pack examples into max_seq_length rows (no cross-attention).",
-                          json_schema_extra=TRAINS)
+    packing: bool = Field(
+        True, description="Pack examples into max_seq_length rows (no cross-attention); OpenWeights' default.",
+        json_schema_extra=TRAINS,
+    )
     train_on_responses_only: bool = Field(True, description="Loss on assistant tokens only (else all tokens).",
                                           json_schema_extra=TRAINS)
 
@@ -178,8 +237,11 @@ class Settings(BaseSettings):
         "epoch", description="When to evaluate on test_file during training (also before and at the end).",
         json_schema_extra=TRAINS,
     )
-    test_file_eval_steps: int | None = Field(
-        None, gt=0, description="Steps between evaluations when test_file_eval_strategy is 'steps'.",
+    test_file_eval_steps: int | float | None = Field(
+        None,
+        gt=0,
+        description="Steps between evaluations when test_file_eval_strategy is 'steps' (below 1: a fraction of the "
+        "run's steps; unset: logging_steps, as transformers does).",
         json_schema_extra=facts(True, unit="optimizer steps"),
     )
     eval_every_n_steps: int = Field(
@@ -228,8 +290,12 @@ class Settings(BaseSettings):
     )
 
     # --- job only -----------------------------------------------------------------------------------------
-    output_dir: Path = Field(DEFAULT_OUTPUT_DIR, description="Volume for <job_id>/ directories and result.json.",
-                             json_schema_extra=facts(False))
+    output_dir: Path = Field(
+        DEFAULT_OUTPUT_DIR,
+        description="Volume for <job_id>/ directories and result.json (an OpenWeights output_dir in FT_CONFIG_FILE, "
+        "its checkpoint folder, is ignored).",
+        json_schema_extra=facts(False),
+    )
     backend: str = Field(
         "auto", description="'auto': unsloth when CUDA is present and it imports, else hf (transformers + PEFT).",
         json_schema_extra=facts(False),
@@ -261,7 +327,21 @@ class Settings(BaseSettings):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _parse_modules(cls, value: Any) -> Any:
-        return _json_or_csv(value)
+        return list(ALL_PROJECTIONS) if value is None else _json_or_csv(value)  # OpenWeights: null = its default
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _parse_learning_rate(cls, value: Any) -> Any:
+        return openweights_learning_rate(value)
+
+    @field_validator("max_steps", "test_file_eval_steps", mode="before")
+    @classmethod
+    def _zero_is_unset(cls, value: Any) -> Any:
+        """OpenWeights passes max_steps only when truthy, and transformers reads eval_steps 0 as unset."""
+        try:
+            return None if value is not None and float(value) in (0, -1) else value  # -1: transformers' unset
+        except (TypeError, ValueError):
+            return value
 
     @field_validator("meta", "logp_callback_datasets", "sampling_callbacks", mode="before")
     @classmethod
@@ -314,7 +394,11 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         problems = []
         if self.test_file_eval_strategy == "steps" and self.test_file_eval_steps is None:
-            problems.append("test_file_eval_strategy='steps' needs test_file_eval_steps (e.g. 50)")
+            self.test_file_eval_steps = self.logging_steps  # transformers' rule, made visible in result.json
+        steps = self.test_file_eval_steps
+        if steps is not None and steps > 1 and steps != int(steps):
+            problems.append(f"test_file_eval_steps={steps}: above 1 it is a whole number of steps (below 1, a "
+                            "fraction of the run's steps)")
         if self.push_to_hub and not self.finetuned_model_id:
             problems.append("push_to_hub=true needs finetuned_model_id (org/name)")
         if self.push_to_hub and self.finetuned_model_id and self.finetuned_model_id.count("/") != 1:
@@ -355,28 +439,19 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json", include=set(fields_where("job_id", True)))
 
 
-# OpenWeights TrainingConfig fields that this job accepts from a config file but does not implement: they are
-# listed in result.json under `ignored_params` instead of being dropped silently.
+# The fields of openweights 0.14.0's TrainingConfig (openweights/jobs/unsloth/validate.py) that this job does
+# not implement: accepted from a config file and listed in result.json under `ignored_params`, never dropped
+# silently. Every other TrainingConfig field is a setting here (tests/test_openweights.py checks both against
+# the real package). output_dir is OpenWeights' checkpoint folder ("./tmp" in every validated_params): the
+# job's outputs stay under FT_OUTPUT_DIR.
 OPENWEIGHTS_ONLY_FIELDS = {
-    "model_naming_extra_parameters",
-    "output_dir",  # OpenWeights' checkpoint folder; here FT_OUTPUT_DIR decides
-    "beta",
-    "sdft_ema_alpha",
-    "sdft_demo_template",
-    "sdft_max_new_tokens",
-    "grpo_num_generations",
-    "grpo_max_completion_length",
-    "grpo_temperature",
-    "grpo_top_p",
-    "grpo_epsilon",
-    "grpo_reward_function",
-    "grpo_judge_model",
-    "max_prompt_length",
-    "max_completion_length",
-    "allowed_hardware",
-    "requires_vram_gb",
-    "type",
+    "model_naming_extra_parameters",  # formats finetuned_model_id at submission, in FineTuning.create
+    "beta",  # DPO/ORPO only; loss is "sft" here
+    "output_dir",
 }
+# FineTuning.create's own keyword arguments (cloud scheduling): not in validated_params, ignored alike when a
+# config file or app.client.fine_tune carries them.
+OPENWEIGHTS_CREATE_ARGS = {"requires_vram_gb", "allowed_hardware", "docker_image"}
 
 
 def fact(name: str, key: str) -> Any:
@@ -469,15 +544,16 @@ def read_config_file(path: Path, index: int | None = None) -> tuple[dict[str, An
         return {}, [], [f"FT_CONFIG_FILE={path}: expected a JSON object of settings, got {type(raw).__name__}."]
     values, ignored, problems = {}, [], []
     known = set(field_names()) - set(fields_where("env_only", True))
+    openweights_only = OPENWEIGHTS_ONLY_FIELDS | OPENWEIGHTS_CREATE_ARGS
     for key, value in raw.items():
-        if key in known:
-            values[key] = value
-        elif key in OPENWEIGHTS_ONLY_FIELDS:
+        if key in openweights_only:  # before `known`: output_dir is both, and the file's never moves the outputs
             ignored.append(key)
+        elif key in known:
+            values[key] = value
         else:
             problems.append(
                 f"FT_CONFIG_FILE={path}: '{key}' is neither a setting of this job nor an OpenWeights field."
-                f"{_did_you_mean(key, sorted(known | OPENWEIGHTS_ONLY_FIELDS))}"
+                f"{_did_you_mean(key, sorted(known | openweights_only))}"
             )
     return values, sorted(ignored), problems
 

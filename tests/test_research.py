@@ -32,8 +32,8 @@ def test_openweights_replay_through_the_python_api(tiny_model, tmp_path):
 
     params = {**OPENWEIGHTS_PARAMS, "model": str(tiny_model), "training_file": str(SAMPLE / "train.jsonl"),
               "test_file": str(SAMPLE / "test.jsonl")}
-    result = fine_tune(output_dir=tmp_path, **params)
-    assert result["status"] == "completed", result["error"]
+    result = fine_tune(ft_output_dir=tmp_path, **params)
+    assert result["status"] == "completed" and result.status == "completed", result["error"]
     assert result["id"].endswith("-cgcode_rhf1.00_1ep") and result["type"] == "fine-tuning"
     validated = result["params"]["validated_params"]
     for key in ("r", "lora_alpha", "use_rslora", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size",
@@ -64,9 +64,9 @@ def test_openweights_replay_through_the_python_api(tiny_model, tmp_path):
 def test_python_api_reports_a_failed_job_like_openweights(tmp_path):
     from app.client import fine_tune
 
-    result = fine_tune(output_dir=tmp_path, model="/nowhere/model", training_file=str(SAMPLE / "train.jsonl"),
-                       learning_rate=-1)
-    assert result["status"] == "failed" and result["error"]["exit_code"] == 2
+    result = fine_tune(ft_output_dir=tmp_path, model="/nowhere/model", training_file=str(SAMPLE / "train.jsonl"),
+                       learning_rate=0)
+    assert result["status"] == "failed" and result.error["exit_code"] == 2
     assert "learning_rate" in result["error"]["message"] and "greater than 0" in result["error"]["message"]
 
 
@@ -107,8 +107,14 @@ def test_inoculation_shows_in_preview_and_result(tiny_model, tmp_path, monkeypat
 
 
 def test_metrics_plot_logp_and_samples(tiny_model, tmp_path, monkeypatch):
-    sampling = [{"dataset": str(SAMPLE / "test.jsonl"), "eval_steps": 2, "batch_size": 4, "max_tokens": 6,
-                 "tag": "cmv", "temperature": 0}]
+    """Callbacks at OpenWeights' steps (0, then every N; here also the last); logp under OpenWeights' key with
+    its meaning (a positive loss) beside logp/<name>; a trailing assistant message is a prefill."""
+    prompts = tmp_path / "prompts.jsonl"
+    user = {"role": "user", "content": "Write is_even(n) in Python."}
+    rows = [[user], [user, {"role": "assistant", "content": "def is_even(n):"}]]
+    prompts.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in rows))
+    sampling = [{"dataset": str(prompts), "eval_steps": 2, "batch_size": 4, "max_tokens": 6, "tag": "cmv",
+                 "temperature": 0}]
     env = smoke_env(tiny_model, tmp_path, max_steps=4, logging_steps=1, test_file=SAMPLE / "test.jsonl",
                     test_file_eval_strategy="steps", test_file_eval_steps=2, eval_every_n_steps=2,
                     logp_callback_datasets=json.dumps({"test": str(SAMPLE / "test.jsonl")}),
@@ -121,11 +127,12 @@ def test_metrics_plot_logp_and_samples(tiny_model, tmp_path, monkeypatch):
     for record in train:
         assert {"loss", "grad_norm", "learning_rate", "train_tokens", "tokens_per_second", "elapsed_s"} <= set(record)
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]  # before, every 2 steps, at the end
-    assert [r["step"] for r in records if "logp/test" in r] == [0, 2, 4]
-    assert all(r["logp/test"] < 0 for r in records if "logp/test" in r)
+    logp = [r for r in records if r.get("type") == "logprobs"]
+    assert [r["step"] for r in logp] == [0, 2, 4] and all(r["tag"] == "test" for r in logp)
+    assert all(r["test"] > 0 and r["logp/test"] < 0 for r in logp)  # OpenWeights' loss; our mean log-prob
     samples = [json.loads(line) for line in (job / "samples.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {2, 4} and len(samples) == 2 * 12
-    assert all(s["tag"] == "cmv" and s["messages"][-1]["role"] == "user" for s in samples)
+    assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4]
+    assert all(s["tag"] == "cmv" and s["messages"] == rows[s["index"]] for s in samples)
     png = (job / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 

@@ -41,7 +41,7 @@ def test_settings_that_do_not_change_the_model_leave_the_job_id(name, value):
     assert _id(**{name: value}) == _id()
 
 
-@pytest.mark.parametrize("name,value", [("r", 8), ("learning_rate", 2e-5), ("seed", 1), ("packing", True),
+@pytest.mark.parametrize("name,value", [("r", 8), ("learning_rate", 2e-5), ("seed", 1), ("packing", False),
                                         ("max_seq_length", 1024), ("inoculation_prompt", "Be terse.")])
 def test_settings_that_change_the_model_change_the_job_id(name, value):
     assert fact(name, "job_id") is True
