@@ -31,7 +31,7 @@ def gpu(free_gb: float, bitsandbytes: bool = True) -> Hardware:
 
 
 def settings(**values):
-    values = {"model": "m", "training_file": "t.jsonl", "output_dir": "/tmp/plan-test", **values}
+    values = {"model": "m", "training_file": "t.jsonl", "output_dir": "/tmp/plan-test", "packing": False, **values}
     return load_settings(**values)[0]
 
 
