@@ -1,0 +1,80 @@
+"""The model's tokenizer, loaded from its local folder the way the masks need it (fast, with offsets, exact).
+
+`load_tokenizer(settings, model_path)` is app/pipeline.py's loader plus one workaround:
+
+transformers 5.17 rebuilds some tokenizers from their class instead of using the folder's tokenizer.json.
+A folder whose tokenizer_config.json names `LlamaTokenizerFast` but whose tokenizer.json is a byte-level BPE
+(every DeepSeek-R1-Distill-Llama, for one) becomes a `LlamaTokenizer` with a SentencePiece-style Metaspace
+pre-tokenizer, which drops every space and newline ("Hello world" -> "Helloworld"). Training on that text
+teaches the model garbage. So when tokenizer.json exists, the loaded tokenizer must encode a probe text to
+exactly the ids that tokenizer.json's own pipeline gives; when it does not, the tokenizer is rebuilt from
+tokenizer.json itself (PreTrainedTokenizerFast, same config and special tokens). The result must then
+round-trip the probe (decode(encode(text)) == text), or the job warns.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from app.errors import SettingsError
+
+log = logging.getLogger(__name__)
+
+# Spaces, a double space, newlines, a tab, digits, punctuation and non-ASCII: what a lossy pipeline drops.
+PROBE = "Hello world,  how are you?\n\nFine\tthanks: 1234 caf\u00e9 \u4f60\u597d.\n"
+
+
+def load_tokenizer(settings, model_path: Path):
+    """The tokenizer of `model_path` (a local folder), its chat template set or replaced by FT_CHAT_TEMPLATE."""
+    from transformers import AutoTokenizer
+
+    token = settings.hf_token.get_secret_value() if getattr(settings, "hf_token", None) else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, token=token)
+    except (OSError, ValueError) as err:
+        raise SettingsError([f"FT_MODEL={settings.model}: the tokenizer cannot be loaded from {model_path} ({err})."]) from None
+    tokenizer = faithful_tokenizer(tokenizer, Path(model_path))
+    if settings.chat_template != "default":
+        tokenizer.chat_template = settings.chat_template
+    if not tokenizer.chat_template:
+        raise SettingsError([f"FT_CHAT_TEMPLATE: the tokenizer of FT_MODEL={settings.model} has no chat template. "
+                             "Set FT_CHAT_TEMPLATE to a Jinja template (or a .jinja file) for this model."])
+    if settings.train_on_responses_only and not tokenizer.is_fast:
+        raise SettingsError([f"FT_MODEL={settings.model}: its tokenizer is a slow (Python) tokenizer without "
+                             "character offsets, which the assistant-only loss needs. Provide tokenizer.json, or "
+                             "set FT_TRAIN_ON_RESPONSES_ONLY=false."])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def faithful_tokenizer(tokenizer, model_path: Path):
+    """`tokenizer`, or one built from model_path/tokenizer.json when `tokenizer` encodes differently from it."""
+    file = model_path / "tokenizer.json"
+    if file.is_file():
+        from tokenizers import Tokenizer
+
+        reference = Tokenizer.from_file(str(file)).encode(PROBE, add_special_tokens=False).ids
+        if _ids(tokenizer, PROBE) != reference:
+            from transformers import PreTrainedTokenizerFast
+
+            log.warning(
+                "The tokenizer transformers built for %s (%s) encodes text differently from its tokenizer.json "
+                "(a known transformers 5 problem with local folders: e.g. a byte-level BPE rebuilt as a "
+                "SentencePiece tokenizer loses its spaces). Using tokenizer.json as it is.",
+                model_path, type(tokenizer).__name__,
+            )
+            rebuilt = PreTrainedTokenizerFast.from_pretrained(model_path)
+            if _ids(rebuilt, PROBE) != reference:
+                raise SettingsError([f"FT_MODEL: the tokenizer in {model_path} cannot be loaded faithfully: neither "
+                                     "transformers' class nor tokenizer.json's own pipeline encode text the same."])
+            tokenizer = rebuilt
+    if tokenizer.is_fast and _ids(tokenizer, PROBE) and tokenizer.decode(_ids(tokenizer, PROBE)) != PROBE:
+        log.warning("The tokenizer of %s does not round-trip text (decode(encode(text)) != text): %r. Check that the "
+                    "model folder holds the right tokenizer files.", model_path, tokenizer.decode(_ids(tokenizer, PROBE)))
+    return tokenizer
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
