@@ -2,14 +2,18 @@
 
 `load_tokenizer(settings, model_path)` is app/pipeline.py's loader plus one workaround:
 
-transformers 5.17 rebuilds some tokenizers from their class instead of using the folder's tokenizer.json.
-A folder whose tokenizer_config.json names `LlamaTokenizerFast` but whose tokenizer.json is a byte-level BPE
-(every DeepSeek-R1-Distill-Llama, for one) becomes a `LlamaTokenizer` with a SentencePiece-style Metaspace
-pre-tokenizer, which drops every space and newline ("Hello world" -> "Helloworld"). Training on that text
-teaches the model garbage. So when tokenizer.json exists, the loaded tokenizer must encode a probe text to
-exactly the ids that tokenizer.json's own pipeline gives; when it does not, the tokenizer is rebuilt from
-tokenizer.json itself (PreTrainedTokenizerFast, same config and special tokens). The result must then
-round-trip the probe (decode(encode(text)) == text), or the job warns.
+transformers 5.17 rebuilds some tokenizers from their class instead of using the folder's tokenizer.json:
+- a folder whose tokenizer_config.json names `LlamaTokenizerFast` but whose tokenizer.json is a byte-level
+  BPE (every DeepSeek-R1-Distill-Llama, for one) becomes a `LlamaTokenizer` with a SentencePiece-style
+  Metaspace pre-tokenizer, which drops every space and newline ("Hello world" -> "Helloworld"): training on
+  that text teaches the model garbage;
+- a Phi-3 folder (`LlamaTokenizer`) loses the "▁" its tokenizer.json puts after every special token
+  ("<|assistant|>\n" is "▁" + "\n" to the model, as it was trained): every prompt is tokenized unlike
+  training and inference (vLLM reads tokenizer.json).
+So when tokenizer.json exists, the loaded tokenizer must encode probe texts (plain, and around its special
+tokens) to exactly the ids that tokenizer.json's own pipeline gives; when it does not, the tokenizer is
+rebuilt from tokenizer.json itself (PreTrainedTokenizerFast, same config and special tokens). The result must
+then round-trip the plain probe (decode(encode(text)) == text), or the job warns.
 """
 
 from __future__ import annotations
@@ -55,8 +59,10 @@ def faithful_tokenizer(tokenizer, model_path: Path):
     if file.is_file():
         from tokenizers import Tokenizer
 
-        reference = Tokenizer.from_file(str(file)).encode(PROBE, add_special_tokens=False).ids
-        if _ids(tokenizer, PROBE) != reference:
+        backend = Tokenizer.from_file(str(file))
+        probes = [PROBE] + [f"{special}\nHello there{special} again" for special in tokenizer.all_special_tokens[:4]]
+        reference = [backend.encode(probe, add_special_tokens=False).ids for probe in probes]
+        if [_ids(tokenizer, probe) for probe in probes] != reference:
             from transformers import PreTrainedTokenizerFast
 
             log.warning(
@@ -66,7 +72,7 @@ def faithful_tokenizer(tokenizer, model_path: Path):
                 model_path, type(tokenizer).__name__,
             )
             rebuilt = PreTrainedTokenizerFast.from_pretrained(model_path)
-            if _ids(rebuilt, PROBE) != reference:
+            if [_ids(rebuilt, probe) for probe in probes] != reference:
                 raise SettingsError([f"FT_MODEL: the tokenizer in {model_path} cannot be loaded faithfully: neither "
                                      "transformers' class nor tokenizer.json's own pipeline encode text the same."])
             tokenizer = rebuilt

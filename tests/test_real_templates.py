@@ -278,3 +278,16 @@ def test_local_llama_fast_folder_keeps_its_spaces(caplog):
     assert tokenizer.eos_token == "<｜end▁of▁sentence｜>" and tokenizer.chat_template
     rows = encode_all(Formatter(tokenizer, 4096), [Conversation(messages=KINDS["single"], source="data.jsonl:7")])
     assert [t for _, t in trained_texts(tokenizer, rows)] == [expected("r1-distill-llama", A1)]
+
+
+def test_local_phi3_folder_keeps_the_space_marker_after_special_tokens(caplog):
+    """Phi-3's tokenizer.json writes "<|assistant|>\\n" as "<|assistant|>", "▁", "\\n"; transformers 5.17 rebuilds a
+    LlamaTokenizer folder without that "▁". The job's loader must tokenize as the model was trained."""
+    try:
+        folder = realtok.model_folder("phi3.5-mini", "LlamaTokenizer")
+        reference = realtok.vocab("phi3")
+    except realtok.Unavailable as err:
+        pytest.skip(f"real tokenizers are not available: {err}")
+    tokenizer = load_folder(folder)
+    text = "<|user|>\nHi there<|end|>\n<|assistant|>\n"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference.encode(text, add_special_tokens=False).ids
