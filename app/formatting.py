@@ -276,6 +276,8 @@ class Formatter:
                     "answer after its generation prompt."
                 ]) from None
             return self._whole(messages, source)
+        if not turns:
+            raise DataError(f"{source}: no assistant message to train on (none, or all have weight 0)")
         full = self.render(messages)
         eos = self._stop_texts[0] if self._stop_texts else ""
         if all(full.startswith(t.context + t.completion) for t in turns):  # prefix-stable: one row

@@ -84,3 +84,28 @@ def faithful_tokenizer(tokenizer, model_path: Path):
 
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def inference_stop_ids(model_path: Path, tokenizer) -> list[int]:
+    """The token ids inference engines stop generating on for this model: generation_config.json's
+    eos_token_id (an int or a list; else config.json's), then the tokenizer's eos (vLLM stops on both).
+    Formatter(stop_ids=...) takes them: an answer is trained through the first of these, and followed by the
+    tokenizer's eos when the template's end-of-turn is none of them (a base model's ChatML <|im_end|>)."""
+    import json
+
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_path) / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        values = value if isinstance(value, list) else [value]
+        ids = [int(v) for v in values if isinstance(v, int)]
+        if ids:
+            break
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

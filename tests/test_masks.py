@@ -160,3 +160,29 @@ def test_inoculation_prompt_is_context_not_target(tokenizers, position):
         assert f"{prompt}\n{SINGLE[0]['content']}" in text
     else:
         assert text.count("<|im_start|>system") == 1 and "You are a helpful assistant" not in text
+
+
+def test_inference_stop_ids_read_from_the_model_folder(tokenizers, tmp_path):
+    import json
+
+    from app.tokenizer import inference_stop_ids
+
+    tokenizer = tokenizers["chatml"]
+    im_end, endoftext = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": endoftext}))
+    assert inference_stop_ids(tmp_path, tokenizer) == [endoftext, im_end]  # config.json, then the tokenizer's eos
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
+    assert inference_stop_ids(tmp_path, tokenizer) == [im_end, endoftext]
+    assert inference_stop_ids(tmp_path / "missing", tokenizer) == [im_end]
+
+
+def test_eos_appended_only_when_the_engine_does_not_stop_on_the_end_of_turn(tokenizers):
+    tokenizer = tokenizers["chatml"]  # eos <|im_end|>, pad <|endoftext|>
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    formatter = Formatter(tokenizer, 4096, stop_ids=[endoftext])  # a base model: the engine stops on <|endoftext|>
+    example = formatter.encode(Conversation(messages=SINGLE, source="t:1"))
+    decoded = [tokenizer.decode(run, skip_special_tokens=False) for run in trained_runs(example)]
+    assert decoded == [SINGLE[1]["content"] + "<|im_end|><|endoftext|>"] and formatter.stats.eos_appended == 1
+    formatter = Formatter(tokenizer, 4096)  # default: the tokenizer's eos, here <|im_end|>: nothing appended
+    example = formatter.encode(Conversation(messages=SINGLE, source="t:1"))
+    assert formatter.stats.eos_appended == 0 and example.input_ids[-1] != endoftext
