@@ -80,6 +80,9 @@ PACKAGES = {
 }
 
 
+_FAILED: dict[str, str] = {}  # package -> why it could not be had: asked once per session, then skipped fast
+
+
 def package_dir(name: str) -> Path:
     """The kept files of one pinned package, downloaded with pip on first use."""
     spec = PACKAGES[name]
@@ -87,11 +90,21 @@ def package_dir(name: str) -> Path:
     stamp = folder / ".members.json"
     if stamp.exists() and json.loads(stamp.read_text()) == list(spec.members):
         return folder
+    if name in _FAILED:
+        raise Unavailable(_FAILED[name])
+    try:
+        return _download(name, spec, folder, stamp)
+    except Unavailable as err:
+        _FAILED[name] = str(err)
+        raise
+
+
+def _download(name: str, spec: Package, folder: Path, stamp: Path) -> Path:
     download = CACHE / "downloads"
     shutil.rmtree(download, ignore_errors=True)
     download.mkdir(parents=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               "-d", str(download), f"{name}=={spec.version}", *spec.pip_args]
+               "--timeout", "30", "--retries", "1", "-d", str(download), f"{name}=={spec.version}", *spec.pip_args]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as err:
