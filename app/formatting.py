@@ -188,7 +188,12 @@ class Formatter:
         """(context, completion) of the answer messages[index], by the rules of the module docstring."""
         context = self.render(messages[:index], add_generation_prompt=True) if index else ""
         through = self.render(messages[: index + 1])
-        if through.startswith(context):  # rule 1
+        if through.startswith(context):
+            # Rule 1. Decision for Qwen3: its generation prompt is "<|im_start|>assistant\n" (the job renders with
+            # the template's defaults: thinking on), so the think block is the model's to write, and the template
+            # writes an empty one into the last answer: "<think>\n\n</think>\n\n" is written by the model at
+            # inference and is trained. (With enable_thinking=false the prompt would hold it, and this rule would
+            # train the answer alone.) Earlier answers render without it: one row per answer (see rows()).
             return context, through[len(context):]
         if messages[0]["role"] == "system" and index > 1:  # rule 2: the template moves the system prompt
             bare = messages[1:]
@@ -229,7 +234,11 @@ class Formatter:
 
     def _stop(self, completion: str) -> tuple[str, bool]:
         """The completion through the first stop token (the model never writes past it), right-stripped of the
-        whitespace templates put after an end-of-turn; and whether it holds none (the eos must follow)."""
+        whitespace templates put after an end-of-turn; and whether it holds none (the eos must follow).
+        Decision for Phi-3.5, whose template appends <|endoftext|> to every render without a generation prompt:
+        with its generation_config ([<|end|>, <|assistant|>, <|endoftext|>]) the answer ends at <|end|> and the
+        trailing "\n<|endoftext|>" is never written nor trained; with the tokenizer's eos alone as the stop, the
+        model must write it after <|end|>, and it is trained."""
         cuts = [completion.find(text) + len(text) for text in self._stop_texts if text in completion]
         if cuts:
             return completion[: min(cuts)], False

@@ -182,6 +182,11 @@ def test_dropped_system_prompt_refused_in_every_mode(real_tokenizer):
         message = err.value.message
         assert "data.jsonl:7" in message and "FT_INOCULATION_POSITION=user_prefix" in message
         assert "FT_CHAT_TEMPLATE" in message and "FT_TRAIN_ON_RESPONSES_ONLY" not in message
+    # The other remedy it names works too: a template that renders the system message (Phi-3.5's, same vocabulary).
+    tokenizer.chat_template = realtok.template_of(realtok.FAMILIES["phi3.5-mini"])
+    rows, _ = rows_of(tokenizer, "phi3-mini", KINDS["system"])
+    [(context, text)] = trained_texts(tokenizer, rows)
+    assert SYSTEM in context and text == f"{A1}<|end|>"
 
 
 def test_prefix_stable_templates_keep_one_row_per_conversation(real_tokenizer):
