@@ -460,6 +460,32 @@ def model_folder(name: str, tokenizer_class: str = "PreTrainedTokenizerFast") ->
     return folder
 
 
+def tokenizer_getter():
+    """name -> the family's tokenizer with its chat template (the `real_tokenizer` fixture in conftest.py), or a
+    pytest skip naming why the material cannot be had. Families that share a vocabulary share one tokenizer
+    object (loading a 262k vocabulary takes seconds), its chat template set on each call; the job's own loader
+    (app.tokenizer.load_tokenizer) is exercised by the tests that load a folder through it."""
+    import pytest
+    from transformers import PreTrainedTokenizerFast
+
+    loaded = {}
+
+    def get(name: str):
+        family = FAMILIES[name]
+        try:
+            key = (family.vocab, family.bos, family.eos)
+            if key not in loaded:
+                loaded[key] = PreTrainedTokenizerFast(tokenizer_object=vocab(family.vocab), bos_token=family.bos,
+                                                      eos_token=family.eos, pad_token=family.eos)
+            tokenizer = loaded[key]
+            tokenizer.chat_template = template_of(family)
+        except Unavailable as err:
+            pytest.skip(f"real tokenizers and templates are not available: {err}")
+        return tokenizer
+
+    return get
+
+
 def stop_ids(tokenizer, name: str) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(token) for token in FAMILIES[name].stop]
 

@@ -78,31 +78,6 @@ CASES = [(name, kind) for name, family in realtok.FAMILIES.items() for kind in K
          if kind != "reasoning" or family.reasoning]
 
 
-@pytest.fixture(scope="session")
-def real_tokenizer():
-    """name -> the family's tokenizer with its chat template. Families that share a vocabulary share one
-    tokenizer object (loading a 262k vocabulary takes seconds), its chat template set on each call; the job's
-    own loader (app.tokenizer.load_tokenizer) is exercised by the tests that load a folder through it."""
-    from transformers import PreTrainedTokenizerFast
-
-    loaded = {}
-
-    def get(name: str):
-        family = realtok.FAMILIES[name]
-        try:
-            key = (family.vocab, family.bos, family.eos)
-            if key not in loaded:
-                loaded[key] = PreTrainedTokenizerFast(tokenizer_object=realtok.vocab(family.vocab),
-                                                      bos_token=family.bos, eos_token=family.eos, pad_token=family.eos)
-            tokenizer = loaded[key]
-            tokenizer.chat_template = realtok.template_of(family)
-        except realtok.Unavailable as err:
-            pytest.skip(f"real tokenizers and templates are not available: {err}")
-        return tokenizer
-
-    return get
-
-
 def load_folder(folder):
     from app.tokenizer import load_tokenizer
 
