@@ -29,22 +29,26 @@ such token (a base model: Qwen2-7B stops on <|endoftext|>, ChatML turns end in <
 eos is appended and trained, as OpenWeights appends it to the rendered text: else the model never stops.
 
 Rows. When every answer's context + completion is a prefix of the whole conversation's render (the template
-is prefix-stable for it), the conversation is one row and each answer's completion a trained span. Otherwise
-(think blocks only in the last answer, reasoning dropped from history, a moved system prompt, an eos to
-append to a middle answer) there is one row per trained answer: row i = context_i + completion_i, so every
-answer is trained as the model writes it after the history inference shows it. Every row keeps the
-conversation's `source` (file:line); DatasetStats counts conversations and rows.
+is prefix-stable for it), the conversation is one row and each answer's completion a trained span; an eos to
+append then follows the last answer only (in the middle of a row it would be history inference never shows).
+Otherwise (think blocks only in the last answer, reasoning dropped from history, a moved system prompt) there
+is one row per trained answer: row i = context_i + completion_i, so every answer is trained as the model
+writes it after the history inference shows it. Every row keeps the conversation's `source` (file:line);
+DatasetStats counts conversations and rows.
 
 A system prompt (and an inoculation prompt in the system position) must be in the context of every trained
 answer: it must occur in that context more often than in the other messages shown there. Else the job
 refuses with a remedy that keeps it (FT_INOCULATION_POSITION=user_prefix, FT_CHAT_TEMPLATE); training on every
-token (FT_TRAIN_ON_RESPONSES_ONLY=false) uses the same rows and the same check. Templates with no system role
-(Gemma 2 raises on one) get it folded into the first user message, as Gemma 3's template does.
+token (FT_TRAIN_ON_RESPONSES_ONLY=false) uses the same rows and the same check (per-answer rows then train the
+history they repeat again; a template no rule can split is trained as its whole render). Templates with no
+system role (Gemma 2 raises on one) get it folded into the first user message, as Gemma 3's template does.
 
 Rendering prefix by prefix costs O(messages^2) characters per conversation; conversations of more than
 MAX_MESSAGES messages are refused (DataError naming file:line), and per-answer rows whose answer starts past
 max_seq_length are counted and dropped without being tokenized. Character spans become token labels through
-the fast tokenizer's offsets: a token is trained when it ends inside a span. The trainer receives `input_ids`
+the fast tokenizer's offsets: a token is trained when it ends inside a span. A token that merges prompt and
+answer text ("<think>\n" + "\n</think>") is split by tokenizing the pieces apart, as inference tokenizes the
+prompt alone, when that spells the same text (byte-level BPE); else it is trained and counted. The trainer receives `input_ids`
 + `labels` (-100 where not trained), truncated to max_seq_length here, so truncation is reported and a row
 left with nothing to train is dropped and counted (an error when it was the conversation's only row). TRL
 keeps `labels` through its preparation and packing (padding-free, per-example `position_ids`).
@@ -357,8 +361,8 @@ class Formatter:
         if len(rows) != 1:
             raise SettingsError([
                 f"FT_CHAT_TEMPLATE: the chat template renders earlier turns differently once later turns exist at "
-                f"{conversation.source} (it moves the system prompt, drops earlier reasoning, or the answers need "
-                "the eos appended): this conversation trains as one row per answer (encode_rows), not as one row."
+                f"{conversation.source} (it moves the system prompt or drops earlier reasoning): this conversation "
+                "trains as one row per answer (encode_rows), not as one row."
             ])
         return rows[0]
 
