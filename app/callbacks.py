@@ -170,7 +170,7 @@ def prompts_of(path) -> list[list[dict]]:
     return [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in conversations]
 
 
-def research_callbacks(settings, tokenizer, job, backend) -> list[TrainerCallback]:
+def research_callbacks(settings, tokenizer, job, backend, stop_ids: list[int]) -> list[TrainerCallback]:
     """Rank 0 alone measures and samples (on its own copy of the weights): one metrics and samples file."""
     from app.launch import is_main
 
@@ -178,7 +178,7 @@ def research_callbacks(settings, tokenizer, job, backend) -> list[TrainerCallbac
     if not is_main():
         return callbacks
     for name, path in settings.logp_callback_datasets.items():
-        formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only)
+        formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only, stop_ids=stop_ids)
         examples = encode_all(formatter, load_conversations(path, f"FT_LOGP_CALLBACK_DATASETS[{name}]"))
         callbacks.append(LogpCallback(name, examples, tokenizer, settings.eval_every_n_steps,
                                       settings.eval_batch_size, job.metrics, backend.inference_mode))

@@ -29,6 +29,7 @@ class TrainingData:
     eval: Any | None
     stats: dict[str, Any]  # per split: DatasetStats.as_dict(), for result.json's "data"
     lengths: list[int] = field(default_factory=list)  # tokens of each row the trainer trains on (packed rows when packing)
+    stop_ids: list[int] = field(default_factory=list)  # the tokens inference stops on: answers are trained through one
 
 
 def read_data(settings) -> DataFiles:
@@ -44,25 +45,27 @@ def read_data(settings) -> DataFiles:
     return DataFiles(train=train, test=test, hashes=hashes)
 
 
-def tokenize(settings, tokenizer, files: DataFiles) -> TrainingData:
+def tokenize(settings, tokenizer, files: DataFiles, stop_ids: list[int]) -> TrainingData:
     """The training rows (the inoculation instruction added: training data only, never test_file) and the
-    evaluation rows, with the loss on the assistant's tokens."""
+    evaluation rows, with the loss on the assistant's tokens through a token inference stops on (`stop_ids`:
+    app/tokenizer.py inference_stop_ids)."""
     conversations = [
         Conversation(messages=apply_inoculation(c.messages, settings.inoculation_prompt, settings.inoculation_position),
                      source=c.source, extra=c.extra)
         for c in files.train
     ]
-    formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only)
+    formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only, stop_ids=stop_ids)
     train = to_dataset(encode_all(formatter, conversations))
     log_stats("training data", formatter.stats, settings.max_seq_length)
     stats = {"train": formatter.stats.as_dict()}
     evaluation = None
     if files.test:
-        eval_formatter = Formatter(tokenizer, settings.max_seq_length, train_on_responses_only=True)
+        eval_formatter = Formatter(tokenizer, settings.max_seq_length, train_on_responses_only=True, stop_ids=stop_ids)
         evaluation = to_dataset(encode_all(eval_formatter, files.test))
         log_stats("test data", eval_formatter.stats, settings.max_seq_length)
         stats["test"] = eval_formatter.stats.as_dict()
-    return TrainingData(train=train, eval=evaluation, stats=stats, lengths=row_lengths(settings, train))
+    return TrainingData(train=train, eval=evaluation, stats=stats, lengths=row_lengths(settings, train),
+                        stop_ids=list(stop_ids))
 
 
 def row_lengths(settings, dataset) -> list[int]:

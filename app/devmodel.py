@@ -82,6 +82,10 @@ FAMILIES = {
 }
 FAMILIES["mistral-v3-system-last"] = FAMILIES["mistral"]
 
+# Qwen2's pre-tokenizer split (transformers' models/qwen2/tokenization_qwen2.py, and Qwen2's tokenizer.json).
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                           r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
 # Architecture-faithful shapes (Qwen2 family: published config.json values).
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
@@ -109,7 +113,7 @@ def sample_texts(sample_dir: Path = SAMPLE_DIR) -> list[str]:
 
 def build_tokenizer(family: str = "chatml", vocab_size: int = 2048, texts: list[str] | None = None):
     """A fast tokenizer of one chat-template family, trained on the sample text (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials, bos, eos, pad, byte_level = FAMILIES[family]
@@ -135,6 +139,15 @@ def build_tokenizer(family: str = "chatml", vocab_size: int = 2048, texts: list[
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
+    if family == "chatml":
+        # After training (the vocabulary stays as it was learned): Qwen2's own normalizer and pre-tokenizer, the
+        # ones transformers builds for any folder whose config.json says qwen2. tokenizer.json and the loaded
+        # tokenizer then encode alike, as they do for a real Qwen2 (app/tokenizer.py checks they do).
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     if not byte_level:
         tokenizer.add_tokens(alphabet)  # byte-fallback pieces for unseen characters
     fast = PreTrainedTokenizerFast(
@@ -168,7 +181,7 @@ def write(out: Path, family: str = "chatml", shape: str = "tiny", seed: int = 0,
           dtype: str | None = None) -> Path:
     """Build and save tokenizer + model to `out` (skipped when `out` already holds one of this recipe)."""
     out = Path(out)
-    recipe = {"family": family, "shape": shape, "seed": seed, "dtype": dtype}
+    recipe = {"family": family, "shape": shape, "seed": seed, "dtype": dtype, "tokenizer": 2}
     stamp = out / "devmodel.json"
     if stamp.exists() and json.loads(stamp.read_text()) == recipe:
         return out

@@ -33,7 +33,7 @@ from app.model_source import check_target_modules, fetch_weights, resolve_model
 from app.plan import plan_batch, require_fit
 from app.result import Recorder
 from app.session import Outcome, Prepared, Session
-from app.tokenizer import load_tokenizer
+from app.tokenizer import inference_stop_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def prepare(settings, record: Recorder) -> Prepared:
     check_target_modules(settings.model, settings.target_modules, skeleton)
     shape = read_shape(model_path, skeleton)
     tokenizer = load_tokenizer(settings, model_path)
-    data = tokenize(settings, tokenizer, files)
+    data = tokenize(settings, tokenizer, files, inference_stop_ids(model_path, tokenizer))
     record.data = data.stats
     _mark(record, "data")
     record.plan = plan = plan_batch(settings, shape, hardware, data.lengths, world_size(), backend.memory)

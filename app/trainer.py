@@ -405,7 +405,7 @@ def build_trainer(session, stop: StopRequest) -> Training:
         callbacks=[ControlCallback(stop, progress, failure), CheckpointCallback(job, progress), metrics],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; MetricsCallback logs a readable line
-    for callback in research_callbacks(settings, prepared.tokenizer, job, backend):
+    for callback in research_callbacks(settings, prepared.tokenizer, job, backend, prepared.data.stop_ids):
         trainer.add_callback(callback)
     return Training(trainer, progress, metrics, failure)
 

@@ -1,6 +1,6 @@
 """The benchmark's training file: the bundled sample conversations, repeated until the run has enough tokens.
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)    # the model folder's: what both paths load
+    tokenizer = tokenizer_of(model_dir)    # the model folder's, as the job loads it (app/tokenizer.py)
     stats = build(out / "data.jsonl", seq=2048, rows=(warmup + steps) * micro_batch * accumulation, tokenizer)
 
 Each repetition of data/sample/train.jsonl is shuffled with its own fixed seed (seed + repetition), and whole
@@ -9,9 +9,8 @@ exactly, and both paths must run out of nothing). Tokens are counted exactly, wi
 tokenizer through the job's own Formatter, so the same numbers give the mean attended context of the packed
 documents that MFU needs (bench/flops.py).
 
-The tokenizer must be loaded from a model folder, not taken from app.devmodel.build_tokenizer(): from a folder
-whose config.json says qwen2, transformers 5 builds a Qwen2Tokenizer (Qwen2's own pre-tokenizer regex), which
-splits text differently (about 2.5% more tokens on the sample data). Every shape's folder holds the same one.
+The tokenizer is loaded from a model folder as the job loads it (app.tokenizer.tokenizer_of): every shape's
+folder holds the same one.
 """
 
 from __future__ import annotations

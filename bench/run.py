@@ -174,12 +174,11 @@ def build_model(shape: str, models_dir: Path, cuda: bool, out: Path, timeout: fl
 
 def build_data(args: argparse.Namespace, data_path: Path, model: Path):
     """The data file for every run, sized for (warmup + steps) x B x G packed rows (bench/data.py)."""
-    from transformers import AutoTokenizer  # CPU only: this process never initialises CUDA
-
+    from app.tokenizer import tokenizer_of  # CPU only: this process never initialises CUDA
     from bench.data import build
 
     rows_needed = (args.warmup + args.steps) * args.micro_batch * args.accum
-    stats = build(data_path, seq=args.seq, rows=rows_needed, tokenizer=AutoTokenizer.from_pretrained(model))
+    stats = build(data_path, seq=args.seq, rows=rows_needed, tokenizer=tokenizer_of(model))
     say(f"data: {stats.conversations} conversations, {stats.tokens:,} tokens (for {rows_needed} rows of "
         f"{args.seq}), mean attended context {stats.ctx_mean:.0f} tokens")
     return stats

@@ -108,21 +108,23 @@ def log(message: str) -> None:
 def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from app.data import load_conversations
     from app.formatting import Formatter, encode_all, to_dataset
+    from app.tokenizer import inference_stop_ids, tokenizer_of
 
     cuda = torch.cuda.is_available()
     if args.mode == "4bit" and not cuda:
         raise RuntimeError("4-bit (bitsandbytes NF4) needs a CUDA GPU")
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = tokenizer_of(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # The same conversations, chat template and assistant-only labels as the job (reused, not copied).
-    dataset = to_dataset(encode_all(Formatter(tokenizer, args.seq), load_conversations(args.data)))
+    formatter = Formatter(tokenizer, args.seq, stop_ids=inference_stop_ids(args.model, tokenizer))
+    dataset = to_dataset(encode_all(formatter, load_conversations(args.data)))
 
     started = time.perf_counter()
     dtype = torch.bfloat16 if cuda else torch.float32

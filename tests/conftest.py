@@ -39,6 +39,14 @@ def tokenizers():
     return {family: build_tokenizer(family) for family in ("chatml", "llama3", "mistral", "gemma")}
 
 
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """Real tokenizers and published chat templates from PyPI packages (tests/realtok.py), built once."""
+    from tests.realtok import tokenizer_getter
+
+    return tokenizer_getter()
+
+
 def run_cli(monkeypatch, env: dict[str, str], *args: str) -> int:
     """Run `python -m app ...` in this process with exactly `env` as FT_* settings; restore signal handlers."""
     from app.cli import main

@@ -160,3 +160,65 @@ def test_inoculation_prompt_is_context_not_target(tokenizers, position):
         assert f"{prompt}\n{SINGLE[0]['content']}" in text
     else:
         assert text.count("<|im_start|>system") == 1 and "You are a helpful assistant" not in text
+
+
+def test_inference_stop_ids_read_from_the_model_folder(tokenizers, tmp_path):
+    import json
+
+    from app.tokenizer import inference_stop_ids
+
+    tokenizer = tokenizers["chatml"]
+    im_end, endoftext = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": endoftext}))
+    assert inference_stop_ids(tmp_path, tokenizer) == [endoftext, im_end]  # config.json, then the tokenizer's eos
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, endoftext]}))
+    assert inference_stop_ids(tmp_path, tokenizer) == [im_end, endoftext]
+    assert inference_stop_ids(tmp_path / "missing", tokenizer) == [im_end]
+
+
+def test_eos_appended_only_when_the_engine_does_not_stop_on_the_end_of_turn(tokenizers):
+    tokenizer = tokenizers["chatml"]  # eos <|im_end|>, pad <|endoftext|>
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    formatter = Formatter(tokenizer, 4096, stop_ids=[endoftext])  # a base model: the engine stops on <|endoftext|>
+    example = formatter.encode(Conversation(messages=SINGLE, source="t:1"))
+    decoded = [tokenizer.decode(run, skip_special_tokens=False) for run in trained_runs(example)]
+    assert decoded == [SINGLE[1]["content"] + "<|im_end|><|endoftext|>"] and formatter.stats.eos_appended == 1
+    formatter = Formatter(tokenizer, 4096)  # default: the tokenizer's eos, here <|im_end|>: nothing appended
+    example = formatter.encode(Conversation(messages=SINGLE, source="t:1"))
+    assert formatter.stats.eos_appended == 0 and example.input_ids[-1] != endoftext
+
+
+def test_template_that_moves_the_system_prompt_trains_one_row_per_answer():
+    """encode() refuses such a conversation as one row (above); the job (encode_all) trains one row per answer,
+    each showing the system prompt where inference puts it: in the last user turn."""
+    from app.devmodel import build_tokenizer
+    from app.formatting import encode_all
+
+    tokenizer = build_tokenizer("mistral-v3-system-last")
+    formatter = Formatter(tokenizer, 4096)
+    rows = encode_all(formatter, [Conversation(messages=WITH_SYSTEM, source="test.jsonl:1")])
+    assert len(rows) == 2 and formatter.stats.split_conversations == 1 and formatter.stats.conversations == 1
+    for row, answer in zip(rows, [WITH_SYSTEM[2], WITH_SYSTEM[4]], strict=True):
+        text = tokenizer.decode(row.input_ids, skip_special_tokens=False)
+        assert f"[INST] {WITH_SYSTEM[0]['content']}\n\n" in text and row.source == "test.jsonl:1"
+        [run] = trained_runs(row)
+        assert tokenizer.decode(run, skip_special_tokens=False).lstrip() == (answer["content"] + "</s>").lstrip()
+
+
+def test_unsplittable_template_refused_naming_the_line_and_all_token_training_still_works(tokenizers):
+    tokenizer = tokenizers["chatml"]
+    formatter = Formatter(tokenizer, 4096)
+    # The generation prompt says "bot", the answer is rendered under "assistant": no rule can split it.
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>bot\n' }}{% endif %}")
+    original = tokenizer.chat_template
+    tokenizer.chat_template = template
+    try:
+        with pytest.raises(SettingsError) as err:
+            formatter.encode_rows(Conversation(messages=SINGLE, source="test.jsonl:3"))
+        assert "test.jsonl:3" in err.value.message and "FT_CHAT_TEMPLATE" in err.value.message
+        everything = Formatter(tokenizer, 4096, train_on_responses_only=False)
+        [row] = everything.encode_rows(Conversation(messages=SINGLE, source="test.jsonl:3"))
+        assert row.labels == row.input_ids
+    finally:
+        tokenizer.chat_template = original
