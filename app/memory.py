@@ -155,6 +155,7 @@ class Profile:
     fp32_embeddings_4bit: bool  # PEFT's prepare_model_for_kbit_training upcasts embeddings/LM head to fp32
     # ... and with them the residual stream: layer inputs kept by checkpointing are fp32 on a 4-bit base
     mask_bytes: float = 0.0  # per layer, per element of the attention mask SDPA is given
+    varlen_attention: bool = False  # rows flattened into one sequence cost no dense mask (per-row kernels)
 
 
 @dataclass(frozen=True)

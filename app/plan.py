@@ -15,8 +15,10 @@ Rules, each with a unit test in tests/test_plan.py:
    costs about a third of each step); true/false are obeyed.
 4. Without a GPU or a readable config.json nothing is estimated: the given micro-batch (auto: the default),
    checkpointing as given (auto: on with CUDA, off on the CPU).
-5. Packed rows are trained padding-free (TRL's best-fit-decreasing packing needs it); unpacked rows are padded
-   to the longest row of their micro-batch.
+5. Packed rows are trained padding-free (TRL's best-fit-decreasing packing needs it); unpacked rows too when
+   FT_PADDING_FREE says so (auto: where the backend's attention takes flattened rows without a dense mask),
+   else padded to the longest row of their micro-batch. Either way each step trains the same examples with the
+   same loss; padding-free skips the padding's compute.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def plan_batch(settings, shape: Shape | None, hardware, lengths: list[int], worl
     accumulation = settings.gradient_accumulation_steps
     micro = settings.per_device_train_batch_size
     forced = settings.gradient_checkpointing  # "auto", True or False
-    padding_free = settings.packing
+    padding_free = settings.packing or (
+        profile.varlen_attention if settings.padding_free == "auto" else settings.padding_free)
     measurable = hardware.cuda and shape is not None and bool(lengths)
     budget = hardware.gpu.memory_free_gb * HEADROOM if hardware.cuda and hardware.gpu else None
 

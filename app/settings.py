@@ -315,6 +315,14 @@ class Settings(BaseSettings):
         "without it (about 1.3x faster when it does); true saves the most memory.",
         json_schema_extra=facts(False),
     )
+    padding_free: Literal["auto"] | bool = Field(
+        "auto",
+        description="Unpacked rows flattened into one sequence per micro-batch instead of padded to the longest: the "
+        "same examples per step and the same loss without the padding's compute. 'auto': where the backend's "
+        "attention takes such rows without a dense mask (unsloth's varlen kernels), not with SDPA's (hf). Packed "
+        "rows are always padding-free.",
+        json_schema_extra=facts(False),
+    )
     num_gpus: int | None = Field(None, gt=0, description="GPUs to train on (data parallel); default: all visible.",
                                  json_schema_extra=facts(False, unit="GPUs"))
     hf_token: SecretStr | None = Field(

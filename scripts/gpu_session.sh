@@ -9,7 +9,9 @@
 # 0.5B) · bench05, bench7-4bit, bench7-bf16, bench7-bf16-fixed (bench/run.py tables on the Qwen2-0.5B /
 # Qwen2-7B shapes, split to fit 10-minute calls) · refuse (7B 16-bit with a far too large micro-batch on a
 # partly filled card: exit 3 + a suggestion that fits) · bench7-4bit-parity (4-bit loss parity: the job, the
-# baseline with and without PEFT's float32 upcast, the job's hf backend; 12 steps) · importtime, importprof.
+# baseline with and without PEFT's float32 upcast, the job's hf backend; 12 steps) · importtime, importprof ·
+# e2e (bench/e2e.py: the code preset end to end, job vs plain TRL vs OpenWeights-style; needs .owjob/, the
+# openweights 0.14.0 wheel's jobs/unsloth folder) · survey (job variants and the OpenWeights path, 10 steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -22,6 +24,8 @@ elapsed() { echo $(($(date +%s) - started)); }
 
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  # Bytecode once, as the image's pip install writes it: no run below pays for compiling unsloth/TRL on import.
+  python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
 fi
 export PYTHONPATH=/tmp/site:$PWD
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -168,6 +172,22 @@ phase_ttfs() {  # time to first step across a sweep: the same 0.5B job 3 times, 
   done
 }
 
+phase_e2e() {  # phase_e2e NAME SECONDS E2E-ARGS...: bench/e2e.py on the Qwen2-7B shape (the code preset end to end)
+  local name=$1 limit=$2
+  shift 2
+  timeout $((limit + 30)) python3 -m bench.e2e --out "$OUT/$name" --shape qwen2-7b --models-dir "$MODELS" \
+    --ow-dir .owjob --budget "$limit" "$@" >"$OUT/$name.log" 2>&1
+  note "e2e $name: exit $? ($(elapsed) s)"
+  [ -f "$OUT/$name/table.md" ] && cat "$OUT/$name/table.md" >>"$SUMMARY"
+  python3 - "$OUT/$name/results.json" <<'EOF' >>"$SUMMARY" 2>&1
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    print(r["path"], "startup", r.get("startup_s"), "mb", r.get("micro_batch"), "adjust", r.get("adjustments"),
+          "err", (r.get("error") or "")[-600:])
+EOF
+  tar -czf "$OUT/$name.tgz" -C "$OUT" "$name" "$name.log" 2>/dev/null && rm -rf "${OUT:?}/$name" "$OUT/$name.log"
+}
+
 phase_importtime() {
   python3 -X importtime -c "import unsloth" 2>"$OUT/importtime.txt" >/dev/null
   note "import unsloth, top cumulative (us):"
@@ -205,6 +225,8 @@ for phase in "$@"; do
     bench7-4bit-accept) phase_bench bench-7b-4bit-accept qwen2-7b 440 --modes 4bit \
       --paths job,job-ckpt,baseline,baseline-noupcast --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
     refuse) phase_refuse ;;
+    survey) phase_e2e survey 300 --paths job,job-padded,job-ckpt,ow --max-steps 10 ;;
+    e2e) phase_e2e e2e 480 --paths job,plain,ow ;;
     importtime) phase_importtime ;;
     importprof) phase_importprof ;;
     ttfs) phase_ttfs ;;

@@ -31,7 +31,8 @@ def gpu(free_gb: float, bitsandbytes: bool = True) -> Hardware:
 
 
 def settings(**values):
-    values = {"model": "m", "training_file": "t.jsonl", "output_dir": "/tmp/plan-test", "packing": False, **values}
+    values = {"model": "m", "training_file": "t.jsonl", "output_dir": "/tmp/plan-test", "packing": False, "padding_free": False,
+              **values}
     return load_settings(**values)[0]
 
 
@@ -164,3 +165,12 @@ def test_batch_worst_takes_the_longest_rows():
     assert Batch.worst([5], 4, flat=False) == Batch(rows=1, tokens=5, longest=5, flat=False)
     assert replace(Batch.worst([4, 4], 2, True), flat=False).mask_elements == 2 * 16
     assert Batch.worst([4, 4], 2, True).mask_elements == 64
+
+
+@pytest.mark.parametrize("setting,varlen,expected", [("auto", True, True), ("auto", False, False),
+                                                     (True, False, True), (False, True, False)])
+def test_unpacked_rows_are_padding_free_where_the_attention_takes_them(setting, varlen, expected):
+    profile = replace(UNSLOTH, varlen_attention=varlen)
+    plan = plan_batch(settings(padding_free=setting, per_device_train_batch_size=4), QWEN7B, gpu(140), ROWS, 1, profile)
+    assert plan.padding_free is expected
+    assert plan.batch.flat is expected
