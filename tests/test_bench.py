@@ -61,3 +61,22 @@ def test_the_table_names_the_command_and_compares_each_row_with_its_baseline(tab
     assert results["meta"]["command"].startswith("python -m bench.run ")
     assert "| tiny | bf16 | job (hf) |" in markdown and "(+0.0000)" in markdown
     assert "- tiny 4bit job: skipped: 4-bit QLoRA needs a CUDA GPU" in markdown
+
+
+def test_end_to_end_rows_train_the_same_run_and_time_it_whole(tmp_path):
+    """bench/e2e.py: the job and plain TRL run the code preset on the same file, each timed from spawn to exit;
+    same step count, and on the CPU the same loss (same rows, LoRA B starts at zero)."""
+    out = tmp_path / "e2e"
+    cmd = [sys.executable, "-m", "bench.e2e", "--out", str(out), "--shape", "tiny", "--models-dir",
+           str(tmp_path / "models"), "--paths", "job,plain", "--conversations", "32", "--max-steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {row["path"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    job, plain = rows["job"], rows["plain"]
+    assert job["status"] == plain["status"] == "ok"
+    assert job["global_step"] == plain["global_step"] == 2
+    assert job["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+    for row in (job, plain):
+        assert 0 < row["first_step_s"] < row["wall_s"] and 0 < row["train_s"] < row["wall_s"]
+    table = (out / "table.md").read_text()
+    assert "| job (hf) |" in table and "| plain |" in table and "1.00x" in table

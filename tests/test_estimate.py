@@ -34,15 +34,17 @@ def profile(backend: str):
     return backend_class(backend).memory
 
 
-def work(micro_batch: int, seq: int, packed: bool = True, mode: str = "bf16", checkpointing: bool = False) -> Workload:
-    """Rows of `seq` tokens, `micro_batch` of them: packed rows are flat (padding-free), others padded."""
-    batch = Batch(rows=micro_batch, tokens=micro_batch * seq, longest=seq, flat=packed)
-    return Workload(batch=batch, load_in_4bit=mode == "4bit", r=16, target_modules=PROJECTIONS, optimizer_8bit=True,
+def work(micro_batch: int, seq: int, packed: bool = True, mode: str = "bf16", checkpointing: bool = False,
+         batch: dict | None = None, r: int = 16) -> Workload:
+    """Rows of `seq` tokens, `micro_batch` of them (packed rows are flat, padding-free), or the measured run's
+    own worst micro-batch of real rows (`batch`, app.memory.Batch's fields)."""
+    batch = Batch(**batch) if batch else Batch(rows=micro_batch, tokens=micro_batch * seq, longest=seq, flat=packed)
+    return Workload(batch=batch, load_in_4bit=mode == "4bit", r=r, target_modules=PROJECTIONS, optimizer_8bit=True,
                     checkpointing=checkpointing)
 
 
 def plan(m: dict) -> Workload:
-    return work(m["micro_batch"], m["seq"], m["packed"], m["mode"], m["checkpointing"])
+    return work(m["micro_batch"], m["seq"], m["packed"], m["mode"], m["checkpointing"], m.get("batch"), m.get("r", 16))
 
 
 def _id(m: dict) -> str:
