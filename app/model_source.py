@@ -7,6 +7,7 @@ the cache.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from app.errors import SettingsError
@@ -72,3 +73,38 @@ def _snapshot(repo_id: str, token: str | None, patterns: list[str] | None) -> Pa
     except (HfHubHTTPError, OSError) as err:
         raise SettingsError([f"FT_MODEL={repo_id}: could not be fetched from the hub ({type(err).__name__}). "
                              "Check the network and HF_TOKEN, or point FT_MODEL at a local folder."]) from None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+PREFETCH_CHUNK = 8 * 2**20  # bytes per read: large sequential reads, the GIL released while each one waits
+
+
+def prefetch_weights(model_path: Path):
+    """Read a local model folder's weight files once in a background thread, so that the page cache holds them
+    when the backend loads the model: the disk works while the libraries import (unsloth alone takes ~25 s).
+    Skipped when the weights would take more than half of the memory available (they would evict each other),
+    and for hub models (their weights are fetched after the preflight). Returns the thread, or None."""
+    import threading
+
+    files = [p for p in sorted(Path(model_path).glob("*")) if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        available = 0
+    if not files or total > available / 2:
+        return None
+
+    def read_all() -> None:
+        buffer = bytearray(PREFETCH_CHUNK)
+        for path in files:
+            try:
+                with open(path, "rb", buffering=0) as handle:
+                    while handle.readinto(buffer):
+                        pass
+            except OSError:
+                return  # a prefetch only: the load itself reports a real problem
+
+    thread = threading.Thread(target=read_all, name="prefetch-weights", daemon=True)
+    thread.start()
+    return thread

@@ -9,14 +9,17 @@ few hundred tokens each: the same length distribution). Every path trains the sa
 architecture-faithful model folder (app.devmodel), in a process of its own, timed from spawn to exit:
 
   job          `python -m app train` with env/code.env, as users run it
-  job-padded   the same with FT_PADDING_FREE=false (unpacked rows padded to the longest of their micro-batch)
+  job-warm     the job again, after `job`, with the compile caches it left (the image keeps them on /cache)
+  job-padfree  the same with FT_PADDING_FREE=true (unpacked rows flattened instead of padded)
   job-ckpt     the same with FT_GRADIENT_CHECKPOINTING=true
   job-hf       the same with FT_BACKEND=hf (transformers + PEFT inside the job)
   plain        transformers + PEFT + TRL SFTTrainer as a careful user writes it, the same rows (bench/plain.py)
   ow           unsloth + TRL through openweights 0.14.0's own training code (its jobs/unsloth/training.py:
                train(), run on a validated_params of the same settings; bench/ow_style.py)
 
-Each row reports its time to the first optimizer step, its training time, its final train loss, its peak GPU
+Every path starts with compile caches of its own, empty (Triton, Inductor, unsloth's generated modules; `job-warm`
+reuses `job`'s), and with `--drop-caches` (root) the kernel's page cache is dropped before each path: a first run
+on a fresh machine, the model read from disk. Each row reports its time to the first optimizer step, its training time, its final train loss, its peak GPU
 memory (the job's: beside its preflight estimate) and its wall time relative to the job's. The table is printed
 last and written to DIR/table.md, every detail to DIR/results.json.
 """
@@ -36,9 +39,9 @@ from typing import Any
 from bench.run import build_model, log_tail, probe_device, run_logged, say
 
 REPO = Path(__file__).resolve().parent.parent
-PATHS = ["job", "job-padded", "job-ckpt", "job-hf", "plain", "ow"]
-JOB_VARIANTS = {"job": {}, "job-padded": {"FT_PADDING_FREE": "false"}, "job-ckpt": {"FT_GRADIENT_CHECKPOINTING": "true"},
-                "job-hf": {"FT_BACKEND": "hf"}}
+PATHS = ["job", "job-warm", "job-padfree", "job-ckpt", "job-hf", "plain", "ow"]
+JOB_VARIANTS = {"job": {}, "job-warm": {}, "job-padfree": {"FT_PADDING_FREE": "true"},
+                "job-ckpt": {"FT_GRADIENT_CHECKPOINTING": "true"}, "job-hf": {"FT_BACKEND": "hf"}}
 PRESET = REPO / "env" / "code.env"
 CONVERSATIONS = 717  # the published code data's size
 
@@ -109,6 +112,11 @@ def run_path(args: argparse.Namespace, path: str, model: Path, data: Path, timeo
     log_path = args.out / "logs" / f"{path}.log"
     log_path.unlink(missing_ok=True)
     cmd, extra = command(path, model, data, run_dir, args.ow_dir, args.max_steps)
+    caches = args.out / "caches" / ("job" if path == "job-warm" else path)
+    extra.update(TRITON_CACHE_DIR=str(caches / "triton"), TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"),
+                 UNSLOTH_COMPILE_LOCATION=str(caches / "unsloth"))
+    if args.drop_caches:
+        drop_page_cache()
     env_line = " ".join(f"{k}={shlex.quote(v)}" for k, v in extra.items())
     say(f"{path}: {env_line} {shlex.join(cmd)}".strip())
     started = time.monotonic()
@@ -126,6 +134,17 @@ def run_path(args: argparse.Namespace, path: str, model: Path, data: Path, timeo
     if code is None:
         row.update(status="failed", error=f"timed out after {timeout:.0f}s; log tail:\n{log_tail(log_path)}")
     return row
+
+
+def drop_page_cache() -> None:
+    """The kernel's clean page cache dropped (root): the next process reads its libraries and weights from disk."""
+    import os
+
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as err:
+        say(f"could not drop the page cache ({err}): this row reads from a warm cache")
 
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -167,6 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ow-dir", type=Path, default=None,
                    help="openweights 0.14.0's jobs/unsloth folder (from its wheel: pip download openweights==0.14.0)")
     p.add_argument("--max-steps", type=int, default=None, help="stop every path after this many optimizer steps")
+    p.add_argument("--drop-caches", action="store_true", help="drop the page cache before each path (root)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per path")
     p.add_argument("--budget", type=int, default=None, help="seconds for the whole command")
     args = p.parse_args(argv)
@@ -185,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "shape": args.shape,
                             "command": "python -m bench.e2e " + shlex.join(sys.argv[1:] if argv is None else argv),
                             "run": f"the code preset (env/code.env), {args.conversations} conversations"
-                                   + (f", {args.max_steps} steps" if args.max_steps else "")}
+                                   + (f", {args.max_steps} steps" if args.max_steps else "")
+                                   + (", page cache dropped before each path" if args.drop_caches else "")}
     meta["device"] = probe_device(args.out, measure=False)
     model, meta["model"] = build_model(args.shape, args.models_dir, bool(meta["device"].get("cuda")), args.out, 900)
     if model is None:

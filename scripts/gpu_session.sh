@@ -225,8 +225,8 @@ for phase in "$@"; do
     bench7-4bit-accept) phase_bench bench-7b-4bit-accept qwen2-7b 440 --modes 4bit \
       --paths job,job-ckpt,baseline,baseline-noupcast --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
     refuse) phase_refuse ;;
-    survey) phase_e2e survey 300 --paths job,job-padded,job-ckpt,ow --max-steps 10 ;;
-    e2e) phase_e2e e2e 480 --paths job,plain,ow ;;
+    survey) phase_e2e survey 300 --paths job,job-padfree,job-ckpt,ow --max-steps 10 ;;
+    e2e) phase_e2e e2e 540 --paths job,job-warm,plain,ow --drop-caches ;;
     importtime) phase_importtime ;;
     importprof) phase_importprof ;;
     ttfs) phase_ttfs ;;
