@@ -7,7 +7,7 @@ SMOKE_MODEL := .cache/models/smoke
 OUTPUT ?= output
 IMAGE ?= ft-job:latest
 
-.PHONY: help run test test-fast lint test-gpu build train check preview bench clean
+.PHONY: help run test test-fast lint test-gpu test-image build train check preview bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ lint: $(VENV)/.installed  ## ruff, hadolint, compose spec, Kubernetes schemas, p
 
 test-gpu:  ## GPU tests (CUDA + requirements/gpu.txt; in the image: docker compose run --rm test-gpu)
 	$(PYTHON) -m pytest -q -m gpu -rs tests/test_gpu.py
+
+test-image:  ## build the image (Debian stand-in base, podman; root) and run it on the CPU: ~25 min cold, ~5 warm
+	scripts/test-image.sh
 
 build:  ## build the GPU image
 	docker build -t $(IMAGE) .
