@@ -42,7 +42,7 @@ lint: $(VENV)/.installed  ## ruff, hadolint, compose spec, Kubernetes schemas, p
 test-gpu:  ## GPU tests (CUDA + requirements/gpu.txt; in the image: docker compose run --rm test-gpu)
 	$(PYTHON) -m pytest -q -m gpu -rs tests/test_gpu.py
 
-test-image:  ## build the image (Debian stand-in base, podman; root) and run it on the CPU: ~25 min cold, ~5 warm
+test-image:  ## build the image (Debian stand-in base, podman; root) and run it on the CPU: ~16 min cold, ~9 warm
 	scripts/test-image.sh
 
 build:  ## build the GPU image
