@@ -64,10 +64,11 @@ WORKDIR /app
 # another torch/CUDA and the GPU set was verified without it, unsloth then uses PyTorch's SDPA). PyPI's torch
 # 2.11.0 is the CUDA 13.0 build, with the nvidia-*-cu13 libraries as its own dependencies: no extra index.
 #
-# Then the build-time check, a layer of its own so that changing it keeps the 6 GB above: the venv holds exactly the lock (nothing missing, nothing else, no xformers), pip
-# finds every declared dependency satisfied but unsloth's xformers, torch is the CUDA 13.0 build (its __version__
-# says 2.11.0+cu130, its package metadata 2.11.0), and no package's metadata carries a local version such as +cu126
-# (a wheel built for another CUDA would fail on the GPU).
+# Then the build-time check, a layer of its own so that changing it keeps the 6 GB above: the venv holds exactly
+# the lock (nothing missing, nothing else, no xformers), pip finds every declared dependency satisfied but
+# unsloth's xformers, torch is the CUDA 13.0 build (its __version__ says 2.11.0+cu130, its package metadata
+# 2.11.0), and no package's metadata carries a local version such as +cu126 (a wheel built for another CUDA would
+# fail on the GPU).
 COPY requirements/gpu.lock.txt requirements/gpu.lock.txt
 RUN pip install --no-cache-dir --no-deps --require-hashes -r requirements/gpu.lock.txt
 # hadolint ignore=DL3059
@@ -105,7 +106,8 @@ COPY deploy/entrypoint.py deploy/entrypoint.py
 # would overwrite each other's files mid-import. No telemetry or statistics calls: unsloth's statistics ping
 # hangs or fails without a network. Set HF_HUB_OFFLINE=1 yourself where the hub is unreachable (the model must
 # then be in /cache/huggingface or a local folder). NCCL_NVLS_ENABLE=0 keeps NVLink multicast (NVLS) off in
-# multi-GPU runs.
+# multi-GPU runs. With a read-only root (`--read-only`), mount /cache as well as /output: importing torch's
+# compiler (transformers does) creates TORCHINDUCTOR_CACHE_DIR, and /tmp wants a tmpfs.
 ENV PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -62,7 +62,10 @@ finish_step() {
     [[ -n ${current:-} ]] && printf '%-9s %4d s\n' "$current" $((SECONDS - step_started)) >> "$SUMMARY"
     current=
 }
-fail() { echo "test-image FAILED: $*" >&2; exit 1; }
+# The checks that passed: build (its build-time check), imports, test-gpu, smoke, compose. The last line printed
+# counts them as "test-image: N passed, M failed", the closing line a CI log reader looks for.
+passed=0
+fail() { echo "test-image FAILED: $*" >&2; echo "test-image: $passed passed, 1 failed"; exit 1; }
 
 # --- 1. engine ---------------------------------------------------------------------------------------------------
 step engine
@@ -125,14 +128,15 @@ build() {  # build TARGET TAG
     previous=$(podman image inspect --format '{{.Id}}' "$2" 2>/dev/null || true)
     podman build --format docker --layers --network host \
         --build-arg BASE_IMAGE="$STANDIN" --build-arg PYTHON_VERSION="$STANDIN_PYTHON" \
-        --target "$1" -t "$2" .
+        --target "$1" -t "$2" . || return 1
     # The image this build replaced, untagged now: removed (its layers that the new one shares stay).
     if [[ -n $previous && $previous != $(podman image inspect --format '{{.Id}}' "$2") && -z ${KEEP_IMAGES:-} ]]; then
         podman rmi "$previous" >/dev/null 2>&1 || true
     fi
 }
-build job "$IMAGE"
-build test "$TEST_IMAGE"
+build job "$IMAGE" || fail "podman build --target job"
+build test "$TEST_IMAGE" || fail "podman build --target test"
+passed=$((passed + 1))
 
 fresh_folder() {  # an empty folder owned by the image's uid 1000, for a volume
     rm -rf "$1" && mkdir -p "$1" && chown 1000:1000 "$1" && chmod 0750 "$1"
@@ -156,7 +160,8 @@ import app.pipeline, app.settings
 assert torch.version.cuda == "13.0" and not torch.cuda.is_available(), (torch.version.cuda, torch.cuda.is_available())
 print("imports ok as uid 1000:", ", ".join("%s %s" % (n, md.version(n)) for n in
       ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "unsloth")))
-'
+' || fail "the installed set does not import as uid 1000"
+passed=$((passed + 1))
 
 # --- 5. the test stage's command: make test-gpu ---------------------------------------------------------------
 step test-gpu
@@ -170,6 +175,7 @@ collected=$(run_locked_down --entrypoint python "$TEST_IMAGE" \
 skipped=$(tail -n 1 "$log" | grep -Eo '^[0-9]+')
 ((collected > 0 && skipped == collected)) || fail "test-gpu: $collected GPU tests collected, $skipped skipped"
 echo "test-gpu: all $collected GPU tests collected and skipped (no CUDA)"
+passed=$((passed + 1))
 
 # --- 6. smoke job ------------------------------------------------------------------------------------------------
 check_result() {  # check_result OUTPUT_DIR WHAT
@@ -189,6 +195,7 @@ fresh_folder "$smoke_out"
 run_locked_down --env-file env/smoke.env -v "$smoke_out:/output" "$IMAGE" \
     || fail "the smoke job exited $? (result: $(cat "$smoke_out/result.json" 2>/dev/null || echo none))"
 check_result "$smoke_out" "smoke job (uid 1000, read-only root):" || fail "smoke job: result.json"
+passed=$((passed + 1))
 
 # --- 7. compose train ----------------------------------------------------------------------------------------------
 step compose
@@ -197,6 +204,7 @@ fresh_folder "$compose_out"
 ENV_FILE=env/smoke.env OUTPUT_DIR=$compose_out IMAGE=$IMAGE compose run --rm -T -e FT_MAX_STEPS=4 train \
     || fail "compose run train exited $?"
 check_result "$compose_out" "compose run train:" || fail "compose train: result.json"
+passed=$((passed + 1))
 
 # --- summary ---------------------------------------------------------------------------------------------------------
 finish_step
@@ -206,6 +214,9 @@ finish_step
         printf '%s %s\n' "$image" "$(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1/1e9}')"
     done
 } >> "$SUMMARY"
+# Dangling images of this script's own making (superseded builds, an old stand-in); the current ones stay as cache.
 podman image prune -f --filter label=org.opencontainers.image.title=ft-job >/dev/null || true
+podman image prune -f --filter label=ft-job.standin-recipe >/dev/null || true
 printf '\n== test-image passed (%s)\n' "$(date -u +%FT%TZ)"
 cat "$SUMMARY"
+echo "test-image: $passed passed, 0 failed"
