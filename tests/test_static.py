@@ -1,12 +1,14 @@
 """Static checks of the container and deployment files: no Docker engine, no cluster, no network (scripts/lint.sh).
 
 What an image build or a cluster would catch late is checked here from the files themselves:
-- the Dockerfile's install step installs exactly requirements/gpu.txt, its labels and build-time check agree with it;
+- the Dockerfile's install step installs exactly requirements/gpu.lock.txt with hashes, its labels and build-time
+  check agree with requirements/gpu.txt; every lock is whole, hashed and agrees with the pins it locks;
 - every FT_ name in env/*.env, docker-compose.yml, the Dockerfile, the workflows and deploy/** is a setting;
 - the env presets are valid settings and read the same by Compose, `docker run --env-file` and kubectl;
 - the Kubernetes Jobs map the exit codes as the job defines them, and the sweep runs each line of its JSONL;
 - the compose services and the image's stages fit together;
 - deploy/entrypoint.py forwards signals once and stops RunPod/Vast.ai machines with the right API call.
+`make test-image` builds and runs the image itself (podman, no GPU): what only an engine can tell.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from app.settings import env_names, load_settings, read_config_file
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 GPU_REQUIREMENTS = ROOT / "requirements" / "gpu.txt"
+CPU_REQUIREMENTS = ROOT / "requirements" / "cpu.txt"
+GPU_LOCK = ROOT / "requirements" / "gpu.lock.txt"
+GPU_TEST_LOCK = ROOT / "requirements" / "gpu-test.lock.txt"
+CPU_LOCK = ROOT / "requirements" / "cpu.lock.txt"
+CPU_COMPOSE_OVERRIDE = ROOT / ".ci" / "compose.cpu.yml"
 COMPOSE = ROOT / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
 SWEEP_CONFIGS = K8S / "sweep-configs.jsonl"
@@ -52,6 +59,18 @@ def _pins(path: Path) -> dict[str, str]:
         assert match, f"{path.name}: {line!r} is not an exact pin (name==version)"
         pins[_norm(match[1])] = match[2]
     return pins
+
+
+LOCK_ENTRY = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==(\S+)((?:\s*\\\n\s+--hash=sha256:[0-9a-f]{64})+)\s*$", re.M)
+
+
+def _lock(path: Path) -> dict[str, str]:
+    """name -> version of a hash lock (scripts/lock.sh); every entry must be an exact pin with sha256 hashes."""
+    text = path.read_text()
+    entries = [line for line in text.splitlines() if line and not line.startswith(("#", " "))]
+    locked = {_norm(match[1]): match[2] for match in LOCK_ENTRY.finditer(text)}
+    assert len(locked) == len(entries), f"{path.name}: entries without name==version and hashes: {entries}"
+    return locked
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------------------
@@ -112,7 +131,7 @@ def _pip_installs(stages: list[dict]) -> list[dict]:
                     words = shlex.split(command.split("python -c", 1)[0])
                     if words[:2] != ["pip", "install"]:
                         continue
-                    install = {"files": [], "literals": [], "indexes": []}
+                    install = {"files": [], "literals": [], "indexes": [], "options": set()}
                     words = iter(words[2:])
                     for word in words:
                         if word in ("-r", "--requirement"):
@@ -120,25 +139,57 @@ def _pip_installs(stages: list[dict]) -> list[dict]:
                             install["files"].append(copied.get(path, path))
                         elif word in ("--index-url", "--extra-index-url", "-i"):
                             install["indexes"].append(next(words))
-                        elif not word.startswith("-"):
+                        elif word.startswith("-"):
+                            install["options"].add(word)
+                        else:
                             install["literals"].append(word)
                     installs.append(install)
     return installs
 
 
-def test_the_image_installs_exactly_requirements_gpu_txt():
-    pins = _pins(GPU_REQUIREMENTS)
+def test_the_image_installs_exactly_the_gpu_lock():
     installs = _pip_installs(_lineage())
     assert len(installs) == 1, f"the job image should have one pip install step, found {installs}"
     install = installs[0]
-    assert install["files"] == ["requirements/gpu.txt"], install
-    assert install["literals"] == [], f"packages outside requirements/gpu.txt: {install['literals']}"
-    assert install["indexes"] == ["https://download.pytorch.org/whl/cu130"], install["indexes"]
-    installed = {}
-    for file in install["files"]:
-        installed.update(_pins(ROOT / file))
-    assert installed == pins
-    assert pins["torch"] == "2.11.0", "DESIGN.md's GPU set: torch 2.11.0 (cu130)"
+    assert install["files"] == ["requirements/gpu.lock.txt"], install
+    assert install["literals"] == [], f"packages outside requirements/gpu.lock.txt: {install['literals']}"
+    # PyPI's torch 2.11.0 is the CUDA 13.0 build: an extra index only adds a host to every project's lookup.
+    assert install["indexes"] == [], install["indexes"]
+    assert {"--require-hashes", "--no-deps"} <= install["options"], "the lock is the whole set, every file hashed"
+    (test_install,) = _pip_installs(_lineage("test")[-1:])
+    assert test_install["files"] == ["requirements/gpu-test.lock.txt"] and not test_install["literals"], test_install
+    assert {"--require-hashes", "--no-deps"} <= test_install["options"] and not test_install["indexes"]
+    assert not DOCKERFILE.read_text().startswith("# syntax="), "a syntax directive makes BuildKit pull a frontend"
+
+
+def test_the_gpu_lock_is_requirements_gpu_txt_resolved_whole():
+    pins, locked = _pins(GPU_REQUIREMENTS), _lock(GPU_LOCK)
+    differ = {name: (version, locked.get(name)) for name, version in pins.items() if locked.get(name) != version}
+    assert not differ, f"requirements/gpu.txt vs gpu.lock.txt (pin, locked); run scripts/lock.sh: {differ}"
+    assert pins["torch"] == "2.11.0", "DESIGN.md's GPU set: torch 2.11.0 (CUDA 13.0)"
+    assert "xformers" not in locked, "the GPU set was verified without xformers"
+    # torch's own CUDA 13 dependencies stay in the lock: without them the image's torch has no CUDA libraries.
+    assert {"triton", "nvidia-cublas", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "nvidia-cuda-runtime"} <= set(locked)
+    assert not any("+" in version for version in locked.values()), "PyPI's builds only: no local versions"
+    # Its other packages take the CPU test set's versions, so that `make test` runs what the image ships.
+    cpu = _pins(CPU_REQUIREMENTS)
+    differ = {name: (cpu[name], version) for name, version in locked.items()
+              if name in cpu and name not in pins and cpu[name] != version}
+    assert not differ, f"gpu.lock.txt vs cpu.txt (cpu, gpu) outside gpu.txt's pins; run scripts/lock.sh: {differ}"
+
+
+def test_the_test_stage_lock_adds_pytest_and_changes_nothing_of_the_gpu_set():
+    added, locked, cpu = _lock(GPU_TEST_LOCK), _lock(GPU_LOCK), _pins(CPU_REQUIREMENTS)
+    assert added["pytest"] == cpu["pytest"], "pytest at the CPU test set's pin"
+    differ = {name: (locked[name], version) for name, version in added.items() if name in locked and locked[name] != version}
+    assert not differ, f"the test stage would change the job's packages (gpu.lock.txt, gpu-test.lock.txt): {differ}"
+
+
+def test_the_cpu_lock_is_requirements_cpu_txt_with_hashes_and_the_cpu_torch():
+    pins, locked = _pins(CPU_REQUIREMENTS), _lock(CPU_LOCK)
+    assert locked.pop("torch") == pins.pop("torch") + "+cpu", "torch is the explicit CPU build, not PyPI's CUDA one"
+    assert locked.pop("setuptools", None), "setuptools (which `pip freeze` leaves out) is locked too"
+    assert locked == pins, "cpu.txt vs cpu.lock.txt: run scripts/lock.sh"
 
 
 def test_the_build_time_check_is_valid_python_and_checks_the_torch_build():
@@ -146,7 +197,8 @@ def test_the_build_time_check_is_valid_python_and_checks_the_torch_build():
     checks = [run.split("python -c '", 1)[1].rsplit("'", 1)[0] for run in runs if "python -c '" in run]
     assert len(checks) == 1, "one build-time `python -c` check in the job image"
     compile(checks[0], "Dockerfile build-time check", "exec")
-    assert "requirements/gpu.txt" in checks[0] and "+cu130" in checks[0] and "torch.version.cuda" in checks[0]
+    assert "requirements/gpu.lock.txt" in checks[0] and 'torch.version.cuda == "13.0"' in checks[0]
+    assert "pip\", \"check" in checks[0] and "xformers" in checks[0]
 
 
 def test_the_labels_name_the_pinned_versions():
@@ -161,9 +213,10 @@ def test_the_labels_name_the_pinned_versions():
     assert {"torch", "transformers", "trl", "peft", "unsloth"} <= set(pinned), sorted(versions)
     for name, value in pinned.items():
         assert value.split("+")[0] == pins[_norm(name)], f"label ft-job.{name}={value} vs gpu.txt {pins[_norm(name)]}"
-    assert versions["torch"].endswith("+cu130")
+    assert versions["cuda"] == "13.0" and versions["python"] == "${PYTHON_VERSION}"
     base_default = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.M)[1]
-    assert labels["org.opencontainers.image.base.name"] == base_default
+    assert labels["org.opencontainers.image.base.name"] == "${BASE_IMAGE}", "the base actually built on"
+    assert re.search(r"^ARG PYTHON_VERSION=3\.12$", DOCKERFILE.read_text(), re.M), "Ubuntu 24.04's Python"
     assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-cudnn-devel-ubuntu24\.04", base_default), base_default
     project_version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)[1]
     assert labels["org.opencontainers.image.version"] == project_version
@@ -192,6 +245,8 @@ def test_the_job_image_runs_the_job_under_tini_as_a_non_root_user():
     assert env["NCCL_NVLS_ENABLE"] == "0", "NVLink multicast stays off"
     runs = " ".join(a for stage in _lineage() for k, a in stage["instructions"] if k == "RUN")
     assert "python -m app.devmodel --out .cache/models/smoke" in runs, "env/smoke.env's model is built in the image"
+    # save_pretrained leaves some files 0600 (root's): the job, uid 1000, could not read its model.
+    assert re.search(r"python -m app\.devmodel --out \.cache/models/smoke .*&& chmod -R a\+rX,go-w \.cache", runs)
 
 
 def test_the_layers_put_dependencies_before_the_code():
@@ -368,6 +423,28 @@ def test_compose_services_fit_the_image_and_the_env_files():
     cache = next(v for v in volumes if v.endswith(":/cache")).split(":")[0]
     assert cache in compose["volumes"], "the HF cache is a named volume"
     assert "HF_TOKEN" in train["environment"]
+
+
+def test_the_cpu_compose_override_removes_only_what_needs_a_gpu_host():
+    """.ci/compose.cpu.yml (make test-image): no device reservation, no memlock; the rest as users run it."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def tagged(loader, node):
+        if isinstance(node, yaml.MappingNode):
+            return node.tag, loader.construct_mapping(node, deep=True)
+        return node.tag, loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else node.value
+
+    for tag in ("!reset", "!override"):
+        Loader.add_constructor(tag, tagged)
+    override = yaml.load(CPU_COMPOSE_OVERRIDE.read_text(), Loader=Loader)
+    assert set(override) == {"services"} and set(override["services"]) == {"train", "test-gpu"}
+    for service in override["services"].values():
+        assert service["deploy"] == ("!reset", {})
+        tag, ulimits = service["ulimits"]
+        assert tag == "!override" and "memlock" not in ulimits and ulimits["stack"] == 67108864, ulimits
+        assert set(service) <= {"deploy", "ulimits", "network_mode"}, sorted(service)
 
 
 # --- deploy/entrypoint.py ---------------------------------------------------------------------------------------------
