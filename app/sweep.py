@@ -73,7 +73,7 @@ class Line:
     def base(self) -> tuple | None:
         """What its base model depends on (app/backends/reuse.py base_key decides; this orders the queue)."""
         s = self.settings
-        return None if s is None else (s.model, s.load_in_4bit, s.max_seq_length, s.backend, str(s.gradient_checkpointing))
+        return None if s is None else (s.model, s.load_in_4bit, s.max_seq_length, s.backend)
 
     @property
     def twin(self) -> str | None:

@@ -41,6 +41,10 @@ class Backend(Protocol):
 
     def load_model(self, settings, model_path: Path, hardware, plan) -> Any: ...
 
+    def load_key(self, settings, plan) -> tuple:
+        """The settings load_model's result depends on (besides the model folder and the hardware): runs with equal
+        keys can share one loaded base model (a sweep: app/backends/reuse.py)."""
+
     def add_lora(self, model, settings, plan) -> Any: ...
 
     def remove_lora(self, model) -> Any:

@@ -167,9 +167,8 @@ class BaseSnapshot:
 
 
 def base_key(backend, settings, model_path, hardware, plan) -> tuple:
-    """What a loaded base depends on: the same key, the same base (backend.load_model's inputs that matter)."""
-    return (backend.name, str(model_path), settings.load_in_4bit, settings.max_seq_length, str(hardware.dtype),
-            plan.checkpointing)
+    """What a loaded base depends on: the same key, the same base."""
+    return backend.name, str(model_path), str(hardware.dtype), backend.load_key(settings, plan)
 
 
 def free_memory() -> None:
