@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,15 @@ class Line:
 
     index: int  # among the non-blank lines, from 0 (FT_CONFIG_INDEX)
     number: int  # in the file, from 1
-    values: dict[str, Any]  # what the line sets (its public settings; the raw JSON when invalid)
+    raw: dict[str, Any]  # the object as written (an OpenWeights job's validated_params)
     settings: Any = None  # app.settings.Settings, None when invalid
     ignored: list[str] = field(default_factory=list)
     problem: SettingsError | None = None
+
+    @cached_property
+    def values(self) -> dict[str, Any]:
+        """Its settings as result.json's validated_params has them (as written, when invalid): labels compare these."""
+        return self.raw if self.settings is None else self.settings.public_params()
 
     @property
     def base(self) -> tuple | None:
@@ -99,17 +105,31 @@ def read_lines(path: Path) -> list[Line]:
     if not numbered:
         raise SettingsError([f"sweep file {path}: no lines; write one settings object per line"])
     lines = []
-    for index, (number, raw) in enumerate(numbered):
+    for index, (number, text) in enumerate(numbered):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError:
+            raw = {}
+        if isinstance(raw, dict) and isinstance(raw.get("validated_params"), dict):
+            raw = raw["validated_params"]
+        raw = raw if isinstance(raw, dict) else {}
         try:
             settings, ignored = load_settings(config_file=path, config_index=index)
-            lines.append(Line(index, number, settings.public_params(), settings, ignored))
+            lines.append(Line(index, number, raw, settings, ignored))
         except SettingsError as err:
-            try:
-                values = json.loads(raw)
-            except json.JSONDecodeError:
-                values = {}
-            lines.append(Line(index, number, values if isinstance(values, dict) else {}, problem=err))
+            lines.append(Line(index, number, raw, problem=err))
     return lines
+
+
+def overridden(lines: list[Line]) -> list[str]:
+    """FT_* variables set in this environment that replace values the lines write (the environment wins, as over
+    FT_CONFIG_FILE; a compose ENV_FILE preset is such an environment): worth a warning, never an error."""
+    written: dict[str, int] = {}
+    for line in lines:
+        for key in line.raw:
+            written[key] = written.get(key, 0) + 1
+    return [f"FT_{key.upper()} (written in {count} line(s))" for key, count in sorted(written.items())
+            if f"FT_{key.upper()}" in os.environ]
 
 
 def run_order(lines: list[Line]) -> list[int]:
@@ -341,6 +361,9 @@ def main(path: Path, stop, stdout, workers: int | None = None, worker: int | Non
     log.info("sweep %s: %d lines (%d invalid), %d worker(s)%s; differing: %s", path, len(lines),
              len(lines) - len(valid), count, f" on devices {devices[:count]}" if devices[0] is not None else "",
              ", ".join(summary.keys) or "nothing")
+    if names := overridden(lines):
+        log.warning("the environment overrides what lines of %s set (FT_* wins over every line): %s", path.name,
+                    "; ".join(names))
     order = run_order(lines)
     try:
         for index in [i for i in order if lines[i].settings is None]:

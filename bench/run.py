@@ -103,14 +103,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_logged(cmd: list[str], log_path: Path, timeout: float) -> tuple[int | None, str]:
+def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict[str, str] | None = None
+               ) -> tuple[int | None, str]:
     """Run cmd in its own process group, stderr appended to log_path; (exit code or None on timeout, stdout).
-    On a timeout the whole group (the worker and the job it started) is killed."""
+    On a timeout the whole group (the worker and the job it started) is killed. `env`: instead of child_env()."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=log, text=True,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env or child_env(), stdout=subprocess.PIPE, stderr=log, text=True,
                                 start_new_session=True)
         try:
             stdout, _ = proc.communicate(timeout=timeout)

@@ -466,3 +466,12 @@ def test_two_workers_share_the_lines_each_once_and_resume_after_sigterm(tiny_mod
         assert f"from checkpoint-{step} (step {step})" in text
         assert _train_steps(_job(out, suffix)) == list(range(1, 13))
     assert sweep_json(out)["counts"] == {"skipped": 2, "completed": 2}
+
+
+def test_the_example_grid_reads_as_one_base_model_and_labels_prompt_and_seed():
+    from app.sweep import differing, read_lines, run_order
+
+    lines = read_lines(ROOT / "deploy" / "k8s" / "sweep-configs.jsonl")
+    assert len(lines) == 4 and all(line.settings is not None and not line.ignored for line in lines)
+    assert len({line.base for line in lines}) == 1 and run_order(lines) == [0, 1, 2, 3]
+    assert differing(lines) == ["inoculation_prompt", "seed"]
