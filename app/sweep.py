@@ -144,14 +144,25 @@ def run_order(lines: list[Line]) -> list[int]:
 def differing(lines: list[Line]) -> list[str]:
     """The settings whose values differ between the valid lines (all lines when fewer than two are valid); the
     naming ones only when nothing else differs."""
+    from app.settings import field_names, fields_where
+
+    public = set(field_names()) - set(fields_where("env_only", True))  # never a token, even one a line wrote
     among = [line for line in lines if line.settings is not None]
     among = among if len(among) > 1 else lines
-    keys = sorted({key for line in among for key in line.values})
+    keys = sorted({key for line in among for key in line.values if key in public})
     differ = [k for k in keys if len({json.dumps(line.values.get(k), sort_keys=True, default=str) for line in among}) > 1]
     return [k for k in differ if k not in NAMING] or differ
 
 
+def _redacted(value: Any) -> Any:
+    """A line's value as the summary shows it: no secret's value (a line may hold one where it does not belong)."""
+    from app.result import redact
+
+    return redact(value) if isinstance(value, str) else json.loads(redact(json.dumps(value, default=str)))
+
+
 def _short(value: Any) -> str:
+    value = _redacted(value)
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 1] + "…"
 
@@ -164,8 +175,12 @@ def label(line: Line, keys: list[str]) -> str:
 
 
 def _entry(line: Line, result: dict[str, Any] | None, code: int, **extra) -> dict[str, Any]:
+    from app.result import redact
+
     outputs = (result or {}).get("outputs") or {}
     error = (result or {}).get("error") or (line.problem.as_dict() if line.problem else None)
+    if error:  # errors quote inputs: no secret's value in sweep.json
+        error = {**error, "message": redact(error["message"])}
     return {
         "index": line.index, "line": line.number, "job_id": (result or {}).get("id"),
         "status": (result or {}).get("status") or "failed", "exit_code": code, "skipped": False,
@@ -177,9 +192,9 @@ def _entry(line: Line, result: dict[str, Any] | None, code: int, **extra) -> dic
 
 def record_invalid(line: Line) -> dict[str, Any]:
     """A line whose settings are invalid: result.json as `train` writes it for invalid settings (exit 2)."""
-    from app.result import Recorder
+    from app.result import Recorder, redact
 
-    log.error("line %d (file line %d): %s", line.index, line.number, line.problem.message)
+    log.error("line %d (file line %d): %s", line.index, line.number, redact(line.problem.message))
     record = Recorder(ignored=line.ignored)
     record.write(record.result("failed", line.problem))
     return _entry(line, None, line.problem.exit_code)
@@ -260,7 +275,7 @@ class Summary:
         for line in self.lines:
             entry = self.entries.get(line.index) or _entry(line, {"status": "pending"}, None) | {"error": None}
             rows.append({**entry, "label": label(line, self.keys),
-                         "differs": {k: line.values.get(k) for k in self.keys}})
+                         "differs": {k: _redacted(line.values.get(k)) for k in self.keys}})
         return rows
 
     def exit_code(self) -> int:

@@ -112,6 +112,19 @@ def test_a_sweep_file_must_be_jsonl(tmp_path, monkeypatch):
     assert run_cli(monkeypatch, {}, "sweep", str(grid)) == 2
 
 
+def test_no_secret_reaches_the_summary_the_table_or_the_log(tmp_path, monkeypatch, capfd):
+    secret = "sk-supersecret987"
+    monkeypatch.setenv("MY_API_KEY", secret)
+    grid = write_grid(tmp_path / "g.jsonl", [{"learning_rate": secret}, {"hf_token": secret, "seed": 2}])
+    env = {"FT_MODEL": "org/a", "FT_TRAINING_FILE": str(SAMPLE / "train.jsonl"), "FT_OUTPUT_DIR": str(tmp_path / "out")}
+    assert run_cli(monkeypatch, env, "sweep", str(grid)) == 2
+    captured = capfd.readouterr()
+    assert "<MY_API_KEY>" in (tmp_path / "out" / "sweep.json").read_text()
+    for path in [p for p in (tmp_path / "out").rglob("*") if p.is_file()]:
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in captured.out + captured.err
+
+
 def test_order_groups_lines_by_base_and_labels_name_what_differs(tmp_path, monkeypatch):
     from app.sweep import differing, label, read_lines, run_order
 
@@ -475,3 +488,28 @@ def test_the_example_grid_reads_as_one_base_model_and_labels_prompt_and_seed():
     assert len(lines) == 4 and all(line.settings is not None and not line.ignored for line in lines)
     assert len({line.base for line in lines}) == 1 and run_order(lines) == [0, 1, 2, 3]
     assert differing(lines) == ["inoculation_prompt", "seed"]
+
+
+@pytest.mark.integration
+def test_the_bench_sweep_row_on_the_cpu(tmp_path):
+    """bench/sweep.py as `make bench` runs it, on the tiny shape: the grid through `python -m app sweep`, two of its
+    lines as standalone runs, compared (bit-identical on a CPU) and extrapolated to the whole grid."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "bench.sweep", "--out", str(out), "--shape", "tiny", "--conversations", "32",
+           "--prompts", "2", "--seeds", "2", "--standalone", "2", "--models-dir", str(tmp_path / "models")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env({}), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "sweep-bench.json").read_text())
+    lines = [json.loads(text) for text in (out / "grid.jsonl").read_text().splitlines()]
+    assert len(lines) == result["lines"] == 4 and lines[0]["r"] == "8" and lines[0]["packing"] == "false"
+    assert "inoculation_prompt" not in lines[0] and lines[2]["inoculation_position"] == "user_prefix"  # control first
+    sweep = result["sweep"]
+    assert sweep["exit_code"] == 0 and sweep["counts"] == {"completed": 4} and sweep["base_loads"] == 1
+    runs = result["standalone"]
+    assert [r["index"] for r in runs] == [0, 3] and all(r["status"] == "ok" and r["identical"] for r in runs)
+    assert result["standalone_extrapolated"] and result["standalone_all_lines_s"] == pytest.approx(
+        4 * result["standalone_mean_s"], abs=0.2)
+    assert result["meta"]["data"]["conversations"] == 32
+    table = (out / "table.md").read_text()
+    assert "| 4 |" in table and "2 measured, x2 (extrapolated)" in table and "2/2 bit-identical" in table
+    assert proc.stdout.strip().endswith(table.strip().splitlines()[-1])
