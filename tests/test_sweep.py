@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -257,30 +258,37 @@ def test_a_base_changed_in_place_is_loaded_again(tiny_model, tmp_path):
 
 
 def grid_env(model: Path, output: Path, **extra) -> dict[str, str]:
-    return smoke_env(model, output, test_file=SAMPLE / "test.jsonl", max_steps=3, **extra)
+    """GRID's common settings, and one thread: on a host whose cores other processes share, a second thread mostly
+    waits (timings would measure the neighbours), and bit-identity needs the same thread count everywhere."""
+    return {**smoke_env(model, output, test_file=SAMPLE / "test.jsonl", max_steps=3, **extra), "OMP_NUM_THREADS": "1"}
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @pytest.fixture(scope="module")
 def grid_runs(tiny_model, tmp_path_factory):
-    """The 6-line GRID as one sweep and as six standalone `python -m app train` (FT_CONFIG_FILE + FT_CONFIG_INDEX),
-    each a subprocess, timed."""
+    """The 6-line GRID as six standalone `python -m app train` (FT_CONFIG_FILE + FT_CONFIG_INDEX) and as one sweep,
+    each a subprocess, timed (wall and CPU seconds)."""
     root = tmp_path_factory.mktemp("grid")
     grid = write_grid(root / "grid.jsonl", GRID)
-    started = time.monotonic()
+    started, cpu = time.monotonic(), _children_cpu_s()
     for index in range(len(GRID)):
         log = root / f"train-{index}.log"
         proc = app(["train"], {**grid_env(tiny_model, root / "alone"), "FT_CONFIG_FILE": str(grid),
                                "FT_CONFIG_INDEX": str(index)}, log)
         assert finished(proc, log) == 0, log.read_text()[-3000:]
-    alone_s = time.monotonic() - started
-    started = time.monotonic()
+    alone_s, alone_cpu = time.monotonic() - started, _children_cpu_s() - cpu
+    started, cpu = time.monotonic(), _children_cpu_s()
     log = root / "sweep.log"
     proc = app(["sweep", str(grid)], grid_env(tiny_model, root / "sweep"), log)
     code = finished(proc, log)
-    sweep_s = time.monotonic() - started
+    sweep_s, sweep_cpu = time.monotonic() - started, _children_cpu_s() - cpu
     assert code == 0, log.read_text()[-3000:]
     return {"root": root, "grid": grid, "alone": root / "alone", "sweep": root / "sweep", "alone_s": alone_s,
-            "sweep_s": sweep_s, "log": log}
+            "sweep_s": sweep_s, "alone_cpu": alone_cpu, "sweep_cpu": sweep_cpu, "log": log}
 
 
 @pytest.mark.integration
@@ -309,10 +317,15 @@ def test_every_line_trains_exactly_what_a_standalone_run_trains(grid_runs):
 
 @pytest.mark.integration
 def test_a_sweep_takes_a_fraction_of_the_standalone_runs(grid_runs):
-    ratio = grid_runs["sweep_s"] / grid_runs["alone_s"]
-    print(f"\n6-line sweep {grid_runs['sweep_s']:.1f} s vs 6 standalone runs {grid_runs['alone_s']:.1f} s: {ratio:.0%}")
-    # Measured on 2 shared CPU cores: 39-45% (docs/BENCHMARKS.md, "Sweep"); the bound leaves room for a loaded host.
-    assert ratio < 0.75
+    wall = grid_runs["sweep_s"] / grid_runs["alone_s"]
+    cpu = grid_runs["sweep_cpu"] / grid_runs["alone_cpu"]
+    print(f"\n6-line sweep vs 6 standalone runs: {grid_runs['sweep_s']:.1f} vs {grid_runs['alone_s']:.1f} s wall "
+          f"({wall:.0%}), {grid_runs['sweep_cpu']:.1f} vs {grid_runs['alone_cpu']:.1f} CPU s ({cpu:.0%})")
+    # Measured on 2 CPU cores shared with other jobs (load 5-7), one thread: 38-45% wall, 42-45% CPU time
+    # (docs/BENCHMARKS.md, "Sweep"). CPU time hardly depends on the neighbours: it carries the 60% bound; the
+    # wall time, which does, a looser one.
+    assert cpu < 0.6
+    assert wall < 0.75
 
 
 @pytest.mark.integration
