@@ -210,12 +210,14 @@ def render(result: dict[str, Any]) -> str:
     identical = sum(bool(r.get("identical")) for r in compared)
     worst = max((r["adapter_max_abs_diff"] for r in compared), default=None)
     loss = max((abs(r["train_loss_diff"]) for r in compared if r.get("train_loss_diff") is not None), default=None)
-    how = (f"{result['standalone_measured']} measured, x{result['lines'] / max(result['standalone_measured'], 1):.0f} "
-           "(extrapolated)" if result["standalone_extrapolated"] else f"{result['standalone_measured']} measured")
+    measured = result["standalone_measured"]
+    how = (f"mean of {measured} measured x {result['lines']} lines: extrapolated" if result["standalone_extrapolated"]
+           else f"{measured} measured")
+    driver = meta["device"].get("driver")
     lines = [
         f"## Sweep: {result['lines']} lines of the code preset, {meta['shape']} shape ({meta['date']})",
         "",
-        f"Device: {meta['device'].get('name')} (driver {meta['device'].get('driver')}); data: "
+        f"Device: {meta['device'].get('name')}{f' (driver {driver})' if driver else ''}; data: "
         f"{meta['data']['conversations']} conversations, {meta['data']['tokens'] / meta['data']['conversations']:.0f} "
         f"tokens each on average; grid: {meta['prompts']} prompts x {meta['seeds']} seeds; sweep workers: "
         f"{meta['workers']}. Command: `{meta['command']}`",

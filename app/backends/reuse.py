@@ -52,11 +52,14 @@ class ParamState:
     copy: Any = None  # the values themselves, for SMALL_NDIM parameters
 
 
+CHUNK = 2**24  # elements summed at a time: float64 copies of at most 128 MiB, never of a whole embedding
+
+
 def _checksums(params: list[Any]) -> list[float]:
     import torch
 
     with torch.no_grad():
-        sums = [p.detach().sum(dtype=torch.float64) for p in params]
+        sums = [sum(chunk.sum(dtype=torch.float64) for chunk in p.detach().reshape(-1).split(CHUNK)) for p in params]
     return [float(s) for s in sums]
 
 
@@ -172,13 +175,15 @@ def base_key(backend, settings, model_path, hardware, plan) -> tuple:
 
 
 def free_memory() -> None:
-    """Give what the last run left (its trainer, optimizer, LoRA) back to the allocator, and the GPU's to the driver."""
+    """Give what the last run left (its trainer, optimizer, LoRA) back to the allocator and the GPU's to the driver;
+    the next run's peak_gpu_memory_gb counts from here (the base it reuses is in it, as in a standalone run's)."""
     gc.collect()
     import sys
 
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 class SharedBase:
