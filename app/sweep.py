@@ -22,7 +22,7 @@ with fresh LoRA weights, its own trainer and its own job folder.
 
 Several GPUs: one worker process per GPU (CUDA_VISIBLE_DEVICES set for each, `python -m app sweep FILE --worker K`),
 each asking this process for its next line (preferring lines of the base it holds); not data-parallel: short runs
-scale best one per GPU. The sweep's state is only in the job folders, plus FT_OUTPUT_DIR/sweep.json (every line:
+scale best one per GPU. With one GPU (or none) the lines run in this process. The sweep's state is only in the job folders, plus FT_OUTPUT_DIR/sweep.json (every line:
 job id, status, exit code, losses, times; rewritten after each line), sweep.md (the same as a table, printed at the
 end) and sweep.png (every line's training and eval loss, labelled by the settings that differ between lines).
 
@@ -346,9 +346,9 @@ def _cell(value: Any, digits: int | None = None) -> str:
 # --- the sweep's process: one worker here, or one process per GPU ---------------------------------------------------
 
 
-def worker_plan(lines: list[Line], requested: int | None) -> tuple[int, list[str | None]]:
-    """(worker processes, the device of each): --workers, else one per GPU (FT_NUM_GPUS, or every visible GPU;
-    the environment's value, which every valid line carries), else 1."""
+def worker_plan(lines: list[Line], requested: int | None) -> tuple[int, list[str | None], int]:
+    """(worker processes, the device of each (None on a CPU), GPUs to use): --workers, else one per GPU
+    (FT_NUM_GPUS, or every visible GPU; the environment's value, which every valid line carries), else 1."""
     from app.hardware import detect_hardware, visible_devices
 
     settings = next((line.settings for line in lines if line.settings is not None), None)
@@ -357,7 +357,7 @@ def worker_plan(lines: list[Line], requested: int | None) -> tuple[int, list[str
     visible = visible_devices()
     devices = (visible[:gpus] if visible is not None else [str(i) for i in range(gpus)]) or [None]
     workers = requested or max(gpus, 1)
-    return workers, [devices[k % len(devices)] for k in range(workers)]
+    return workers, [devices[k % len(devices)] for k in range(workers)], gpus
 
 
 def main(path: Path, stop, stdout, workers: int | None = None, worker: int | None = None) -> int:
@@ -370,7 +370,7 @@ def main(path: Path, stop, stdout, workers: int | None = None, worker: int | Non
 
     valid = [line for line in lines if line.settings is not None]
     output_dir = valid[0].settings.output_dir if valid else failure_output_dir()
-    count, devices = worker_plan(lines, workers)
+    count, devices, gpus = worker_plan(lines, workers)
     count = max(1, min(count, len(valid)))
     summary = Summary(path, lines, output_dir, count)
     log.info("sweep %s: %d lines (%d invalid), %d worker(s)%s; differing: %s", path, len(lines),
@@ -384,7 +384,7 @@ def main(path: Path, stop, stdout, workers: int | None = None, worker: int | Non
         for index in [i for i in order if lines[i].settings is None]:
             summary.add(record_invalid(lines[index]))
         pending = [i for i in order if lines[i].settings is not None]
-        if count == 1:
+        if count == 1 and gpus <= 1:  # one worker and at most one GPU: this process (else a worker pinned to one)
             serve(lines, lambda: pending.pop(0) if pending and not stop.requested else None, summary.add, stop)
         else:
             Dispatcher(path, lines, pending, devices[:count], summary).run()

@@ -190,6 +190,30 @@ def test_the_dispatcher_keeps_a_worker_on_its_base_and_never_runs_twins_together
     assert dispatcher._pick(1) is None  # the twin of a running line waits
 
 
+def test_one_worker_per_gpu_as_ft_num_gpus_and_cuda_visible_devices_say(tmp_path, monkeypatch):
+    import app.hardware
+    from app.hardware import Hardware
+    from app.sweep import read_lines, worker_plan
+
+    def four_gpus(num_gpus=None):  # NVML's answer on a host with 4 visible GPUs
+        visible = app.hardware.visible_devices()
+        count = min(len(visible) if visible is not None else 4, num_gpus or 4)
+        return Hardware(cuda=True, num_gpus=count, bf16=True)
+
+    monkeypatch.setattr(app.hardware, "detect_hardware", four_gpus)
+    monkeypatch.setenv("FT_MODEL", "org/a")
+    monkeypatch.setenv("FT_TRAINING_FILE", str(SAMPLE / "train.jsonl"))
+    lines = read_lines(write_grid(tmp_path / "g.jsonl", [{"seed": 1}]))
+    assert worker_plan(lines, None) == (4, ["0", "1", "2", "3"], 4)
+    assert worker_plan(lines, 1) == (1, ["0"], 4)  # one worker, pinned to one GPU (a process of its own)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")
+    assert worker_plan(lines, None) == (3, ["2", "5", "7"], 3)
+    monkeypatch.setenv("FT_NUM_GPUS", "2")
+    assert worker_plan(read_lines(tmp_path / "g.jsonl"), None) == (2, ["2", "5"], 2)
+    monkeypatch.setattr(app.hardware, "detect_hardware", lambda num_gpus=None: Hardware(cuda=False))
+    assert worker_plan(lines, None) == (1, [None], 0) and worker_plan(lines, 2) == (2, [None, None], 0)
+
+
 # --- the shared base: everything a run changed is undone, and a changed base is loaded again ----------------------
 
 
