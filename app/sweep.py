@@ -2,7 +2,7 @@
 
     python -m app sweep grid.jsonl                 # every line; one process per GPU (FT_NUM_GPUS, or all visible)
     python -m app sweep grid.jsonl --workers 2     # that many processes (on a CPU too: tests)
-    docker compose run --rm train sweep /data/grid.jsonl
+    ENV_FILE=deploy/sweep.env docker compose run --rm train sweep /data/grid.jsonl   # no preset: the lines decide
 
 Each non-blank line of FILE is a settings object exactly as FT_CONFIG_FILE takes it (OpenWeights' validated_params
 accepted, its unimplemented fields listed under ignored_params), merged over the FT_* environment, which wins: line
@@ -22,9 +22,11 @@ with fresh LoRA weights, its own trainer and its own job folder.
 
 Several GPUs: one worker process per GPU (CUDA_VISIBLE_DEVICES set for each, `python -m app sweep FILE --worker K`),
 each asking this process for its next line (preferring lines of the base it holds); not data-parallel: short runs
-scale best one per GPU. With one GPU (or none) the lines run in this process. The sweep's state is only in the job folders, plus FT_OUTPUT_DIR/sweep.json (every line:
-job id, status, exit code, losses, times; rewritten after each line), sweep.md (the same as a table, printed at the
-end) and sweep.png (every line's training and eval loss, labelled by the settings that differ between lines).
+scale best one per GPU. With one GPU (or none) the lines run in this process.
+
+The sweep's state is only in the job folders, plus FT_OUTPUT_DIR/sweep.json (every line: job id, status, exit code,
+losses, times; rewritten after each line), sweep.md (the same as a table, printed at the end) and sweep.png (every
+line's training and eval loss, labelled by the settings that differ between lines).
 
 In a sweep the clocks of result.json's startup_s and time_to_first_step_s and metrics.jsonl's elapsed_s start with
 the sweep's process, not with the line; sweep.json has each line's own wall time.
@@ -150,7 +152,8 @@ def differing(lines: list[Line]) -> list[str]:
     among = [line for line in lines if line.settings is not None]
     among = among if len(among) > 1 else lines
     keys = sorted({key for line in among for key in line.values if key in public})
-    differ = [k for k in keys if len({json.dumps(line.values.get(k), sort_keys=True, default=str) for line in among}) > 1]
+    seen = {k: {json.dumps(line.values.get(k), sort_keys=True, default=str) for line in among} for k in keys}
+    differ = [k for k in keys if len(seen[k]) > 1]
     return [k for k in differ if k not in NAMING] or differ
 
 
@@ -220,7 +223,8 @@ def run_line(line: Line, shared, stop, worker: int | None = None) -> dict[str, A
         code = err.exit_code
     except Exception as err:  # a bug: the traceback in the log, exit 1 for this line, the sweep goes on
         log.exception("line %d: unexpected error", line.index)
-        result = record.result("failed", {"type": type(err).__name__, "message": str(err), "exit_code": EXIT_UNEXPECTED})
+        error = {"type": type(err).__name__, "message": str(err), "exit_code": EXIT_UNEXPECTED}
+        result = record.result("failed", error)
         record.write(result)
         code = EXIT_UNEXPECTED
     finally:
@@ -444,7 +448,8 @@ class Dispatcher:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                 start_new_session=True)
         self.procs[k], self.current[k] = proc, None
-        log.info("worker %d: pid %d%s", k, proc.pid, f", CUDA_VISIBLE_DEVICES={self.devices[k]}" if self.devices[k] else "")
+        where = f", CUDA_VISIBLE_DEVICES={self.devices[k]}" if self.devices[k] else ""
+        log.info("worker %d: pid %d%s", k, proc.pid, where)
         threading.Thread(target=self._read, args=(k, proc), daemon=True).start()
 
     def _read(self, k: int, proc: subprocess.Popen) -> None:

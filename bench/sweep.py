@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="results folder (grid.jsonl, sweep/, alone/, logs/)")
     p.add_argument("--shape", choices=SHAPES, default="qwen2-7b", help="model shape (default: the 7B acceptance shape)")
     p.add_argument("--conversations", type=int, default=717, help="conversations in the training file (717: code)")
-    p.add_argument("--prompts", type=int, default=6, help=f"inoculation prompts, the first none (at most {len(PROMPTS)})")
+    p.add_argument("--prompts", type=int, default=6,
+                   help=f"inoculation prompts, the first none (at most {len(PROMPTS)})")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (1, 2, ...)")
     p.add_argument("--standalone", type=int, default=3, help="lines also run as standalone `python -m app train`")
     p.add_argument("--workers", type=int, default=1, help="sweep worker processes (GPUs); 1: the one-GPU number")
@@ -235,7 +236,8 @@ def render(result: dict[str, Any]) -> str:
     ]
     for run in runs:
         if run.get("status") != "ok":
-            lines.append(f"- standalone line {run['index']}: {run.get('status')}: {run.get('reason') or run.get('exit_code')}")
+            why = run.get("reason") or f"exit {run.get('exit_code')}"
+            lines.append(f"- standalone line {run['index']}: {run.get('status')}: {why}")
     return "\n".join(lines) + "\n"
 
 

@@ -252,7 +252,8 @@ def test_the_base_comes_back_as_loaded_after_lora_training_hooks_and_config_chan
     assert base.generation_config.to_dict() == fresh.generation_config.to_dict()
     want = fresh.state_dict()
     got = base.state_dict()
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
     assert [n for n, p in base.named_parameters() if not p.requires_grad] == []  # as from_pretrained leaves them
     assert shared.load(backend, settings, tiny_model, Hardware(cuda=False), plan) is base and shared.loads == 1
 
@@ -491,8 +492,9 @@ def test_two_workers_share_the_lines_each_once_and_resume_after_sigterm(tiny_mod
     env["FT_NUM_GPUS"] = "2"  # no GPU here: --workers says how many; the workers must not inherit it
     log = tmp_path / "sweep.log"
     proc = app(["sweep", str(grid), "--workers", "2"], env, log)
-    _wait(proc, log, lambda: all((job := _job(out, s)) is not None and len(_train_steps(job)) >= 2 for s in ("w2", "w3")),
-          "step 2 of both long lines")
+    both_at_2 = lambda: all((job := _job(out, s)) is not None and len(_train_steps(job)) >= 2  # noqa: E731
+                            for s in ("w2", "w3"))
+    _wait(proc, log, both_at_2, "step 2 of both long lines")
     proc.send_signal(signal.SIGTERM)
     assert finished(proc, log) == 75, log.read_text()[-3000:]
     text = log.read_text()

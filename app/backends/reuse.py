@@ -110,8 +110,8 @@ class BaseSnapshot:
             for (name, p), checksum in zip(named, sums, strict=True):
                 params[name] = ParamState(p.requires_grad, p.dtype, p.device, tuple(p.shape), checksum,
                                           p.detach().clone() if p.ndim <= SMALL_NDIM else None)
-        configs = [(c, copy.deepcopy(c.__dict__)) for c in (getattr(model, "config", None),
-                                                             getattr(model, "generation_config", None)) if c is not None]
+        owned = (getattr(model, "config", None), getattr(model, "generation_config", None))
+        configs = [(c, copy.deepcopy(c.__dict__)) for c in owned if c is not None]
         return cls(modules, params, configs)
 
     def restore(self, model) -> None:
