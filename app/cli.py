@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, metavar="N", help="processes, each on its own GPU (default: one per "
                        "GPU, FT_NUM_GPUS or every visible one; 1 without a GPU)")
     sweep.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # a worker process of a sweep (app/sweep.py)
+    sweep.add_argument("--device", help=argparse.SUPPRESS)  # the worker's GPU (CUDA_VISIBLE_DEVICES)
     return parser
 
 
@@ -166,7 +167,7 @@ def _train(record, stop) -> int:
 def _sweep(args, stop, stdout) -> int:
     from app.sweep import main
 
-    code = main(args.file, stop, stdout, workers=args.workers, worker=args.worker)
+    code = main(args.file, stop, stdout, workers=args.workers, worker=args.worker, device=args.device)
     if args.worker is None:
         _termination_log(f"sweep {args.file}: exit {code} (FT_OUTPUT_DIR/sweep.json has every line)")
     return code

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import signal
 import subprocess
@@ -125,13 +124,22 @@ def read_lines(path: Path) -> list[Line]:
 
 def overridden(lines: list[Line]) -> list[str]:
     """FT_* variables set in this environment that replace values the lines write (the environment wins, as over
-    FT_CONFIG_FILE; a compose ENV_FILE preset is such an environment): worth a warning, never an error."""
+    FT_CONFIG_FILE; a compose ENV_FILE preset is such an environment): worth a warning, never an error. The
+    environment is read as the settings read it (pydantic-settings' own source)."""
+    from pydantic_settings import EnvSettingsSource
+
+    from app.settings import ENV_PREFIX, Settings
+
+    try:
+        from_environment = EnvSettingsSource(Settings)()
+    except Exception:  # a value the settings cannot parse: every line reports it as its problem
+        return []
     written: dict[str, int] = {}
     for line in lines:
-        for key in line.raw:
+        for key in set(line.raw) - set(line.ignored):  # an ignored OpenWeights field (output_dir) replaces nothing
             written[key] = written.get(key, 0) + 1
-    return [f"FT_{key.upper()} (written in {count} line(s))" for key, count in sorted(written.items())
-            if f"FT_{key.upper()}" in os.environ]
+    return [f"{ENV_PREFIX}{key.upper()} (written in {count} line(s))" for key, count in sorted(written.items())
+            if key in from_environment]
 
 
 def run_order(lines: list[Line]) -> list[int]:
@@ -364,12 +372,24 @@ def worker_plan(lines: list[Line], requested: int | None) -> tuple[int, list[str
     return workers, [devices[k % len(devices)] for k in range(workers)], gpus
 
 
-def main(path: Path, stop, stdout, workers: int | None = None, worker: int | None = None) -> int:
+def pin_worker(device: str | None) -> None:
+    """A worker process trains on its one GPU (set before CUDA starts). FT_NUM_GPUS said how many workers the
+    sweep runs; in a worker it is unset (empty), or its lines would ask for that many GPUs each."""
+    from app.settings import ENV_PREFIX, set_library_variable
+
+    if device is not None:
+        set_library_variable("CUDA_VISIBLE_DEVICES", device)
+    set_library_variable(f"{ENV_PREFIX}NUM_GPUS", "")
+
+
+def main(path: Path, stop, stdout, workers: int | None = None, worker: int | None = None,
+         device: str | None = None) -> int:
     """The `sweep` command: run every line (or, with `worker`, serve the lines the sweep's process hands out)."""
     path = Path(path).absolute()
-    lines = read_lines(path)
     if worker is not None:
-        return _worker(lines, stop, worker, stdout)
+        pin_worker(device)
+        return _worker(read_lines(path), stop, worker, stdout)
+    lines = read_lines(path)
     from app.settings import failure_output_dir
 
     valid = [line for line in lines if line.settings is not None]
@@ -441,11 +461,9 @@ class Dispatcher:
                               "run the same command again to resume")
 
     def _start(self, k: int) -> None:
-        env = {key: value for key, value in os.environ.items() if key != "FT_NUM_GPUS"}  # each worker: its GPU only
-        if self.devices[k] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.devices[k]
-        proc = subprocess.Popen([sys.executable, "-m", "app", "sweep", str(self.path), "--worker", str(k)], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        cmd = [sys.executable, "-m", "app", "sweep", str(self.path), "--worker", str(k)]
+        cmd += ["--device", self.devices[k]] if self.devices[k] is not None else []
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
                                 start_new_session=True)
         self.procs[k], self.current[k] = proc, None
         where = f", CUDA_VISIBLE_DEVICES={self.devices[k]}" if self.devices[k] else ""

@@ -83,7 +83,7 @@ def without_times(result: dict) -> dict:
 
 def test_each_line_is_read_exactly_as_ft_config_file_reads_it(tmp_path, monkeypatch):
     from app.settings import load_settings
-    from app.sweep import read_lines
+    from app.sweep import overridden, read_lines
 
     grid = tmp_path / "grid.jsonl"
     grid.write_text(
@@ -105,6 +105,7 @@ def test_each_line_is_read_exactly_as_ft_config_file_reads_it(tmp_path, monkeypa
     assert lines[1].ignored == ["beta", "output_dir"] and lines[1].settings.output_dir == tmp_path / "out"
     assert lines[2].problem.exit_code == 2 and "FT_R" in lines[2].problem.message and lines[2].values == {"r": "eight"}
     assert lines[3].problem.exit_code == 2 and "invalid JSON" in lines[3].problem.message
+    assert overridden(lines) == ["FT_SEED (written in 1 line(s))"]  # the sweep warns: the environment wins
 
 
 def test_a_sweep_file_must_be_jsonl(tmp_path, monkeypatch):
