@@ -79,7 +79,7 @@ def setup(settings, record: Recorder | None = None, base: Any = None) -> Session
     `base`, a sweep's SharedBase) with fresh LoRA weights. A completed job comes back with its result and no
     model (FT_OVERWRITE=true retrains it)."""
     record = record or Recorder(settings=settings)
-    prepared = prepare(settings, record, base)
+    prepared = prepare(settings, record) if base is None else prepare(settings, record, base)  # a sweep's: see prepare
     job, lock = open_job(settings.output_dir, prepared.job_id, lock=is_main())
     record.job_root = job.root
     session = Session(prepared, job, lock)
