@@ -100,6 +100,7 @@ RUN HF_HUB_OFFLINE=1 python -m app.devmodel --out .cache/models/smoke --shape sm
 
 COPY app/ app/
 COPY deploy/entrypoint.py deploy/entrypoint.py
+COPY deploy/k8s/sweep-configs.jsonl deploy/k8s/sweep-configs.jsonl
 
 # Runtime defaults. Caches live on the /cache volume (HF downloads, compiled Triton/Inductor kernels survive the
 # container); unsloth's generated modules go to per-container /tmp, since concurrent jobs sharing a volume

@@ -52,9 +52,12 @@ build:  ## build the GPU image
 train:  ## train with docker compose (ENV_FILE=env/code.env), data in ./data, results in ./output
 	mkdir -p data $(OUTPUT) && OUTPUT_DIR=$(abspath $(OUTPUT)) docker compose run --rm train
 
-bench:  ## the acceptance table, job vs plain transformers+PEFT+TRL (GPU, ~20 min): writes bench/results/
+bench:  ## job vs plain transformers+PEFT+TRL vs OpenWeights: end to end, throughput, the sweep row (GPU, ~45 min)
+	$(PYTHON) -m bench.e2e --out bench/results/e2e --shape qwen2-7b --paths job,job-warm,plain,ow --drop-caches \
+	  --ow-dir $${OW_DIR:?the openweights 0.14.0 wheel's openweights/jobs/unsloth folder (bench/e2e.py)}
 	$(PYTHON) -m bench.run --out bench/results --shapes qwen2-7b,qwen2-0.5b --modes bf16,4bit \
 	  --paths job,job-ckpt,baseline,baseline-noupcast --warmup 4 --steps 8 --micro-batch 2 --accum 4
+	$(PYTHON) -m bench.sweep --out bench/results/sweep --shape qwen2-7b --prompts 6 --seeds 4 --standalone 3
 
 clean:  ## remove the venv, local models and outputs
 	rm -rf $(VENV) .cache $(OUTPUT)

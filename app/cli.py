@@ -1,8 +1,9 @@
-"""python -m app [train|check|preview] -- the job's entry point.
+"""python -m app [train|check|preview|sweep] -- the job's entry point.
 
     python -m app train                    # default: settings from FT_* (and FT_CONFIG_FILE)
     python -m app check                    # settings, data, GPU preflight; loads no weights
     python -m app preview -n 3 --json p.json   # the first rows as the trainer sees them
+    python -m app sweep grid.jsonl         # every line a run (as FT_CONFIG_FILE), base model loaded once per GPU
 
 Exit codes: 0 completed · 2 invalid settings or data · 3 not enough GPU · 4 training failed ·
 75 interrupted after a checkpoint (run again to resume) · 1 unexpected.
@@ -58,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     preview = sub.add_parser("preview", help="show the first training rows with the trained tokens marked")
     preview.add_argument("-n", type=int, default=3, help="rows to show (default 3)")
     preview.add_argument("--json", type=Path, help="write [{input_ids, labels}] to this file")
+    sweep = sub.add_parser("sweep", help="train every line of a JSONL of settings, each base model loaded once "
+                           "per GPU; summary in FT_OUTPUT_DIR/sweep.json")
+    sweep.add_argument("file", type=Path, help="JSONL: one settings object per line (as FT_CONFIG_FILE takes it), "
+                       "merged over the FT_* environment, which wins")
+    sweep.add_argument("--workers", type=int, metavar="N", help="processes, each on its own GPU (default: one per "
+                       "GPU, FT_NUM_GPUS or every visible one; 1 without a GPU)")
+    sweep.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # a worker process of a sweep (app/sweep.py)
+    sweep.add_argument("--device", help=argparse.SUPPRESS)  # the worker's GPU (CUDA_VISIBLE_DEVICES)
     return parser
 
 
@@ -96,7 +105,11 @@ def _main(argv: list[str] | None, stdout) -> int:
         stop.install()
         stop.on_second_signal = lambda name: record.write(
             record.result("interrupted", Interrupted(f"{name} twice: exited without a checkpoint")))
+    if command == "sweep":
+        stop.install()  # each line's result.json on a second signal: app/sweep.py
     try:
+        if command == "sweep":
+            return _sweep(args, stop, stdout)
         record.settings, record.ignored = load_settings()
         if record.ignored:
             log.warning("OpenWeights fields not implemented here, ignored: %s", ", ".join(record.ignored))
@@ -149,6 +162,15 @@ def _train(record, stop) -> int:
     log.info("result.json: %s", where)
     _termination_log(f"completed: {result['id']} -> {outputs.get('model_path')}")
     return EXIT_OK
+
+
+def _sweep(args, stop, stdout) -> int:
+    from app.sweep import main
+
+    code = main(args.file, stop, stdout, workers=args.workers, worker=args.worker, device=args.device)
+    if args.worker is None:
+        _termination_log(f"sweep {args.file}: exit {code} (FT_OUTPUT_DIR/sweep.json has every line)")
+    return code
 
 
 def _check(record, stdout) -> int:

@@ -10,7 +10,8 @@ app/result.py, from which result.json is written at any ending).
     outcome = train(session, stop, record)      step 5 the trainer, step 6 training (it resumes), step 7 the model
     result = finish(session, outcome, record)   step 8 result.json (and the push to the hub)
 
-`python -m app train|check|preview`, the tests, the GPU probe script and bench/ all call these.
+`python -m app train|check|preview|sweep`, the tests, the GPU probe script and bench/ all call these (a sweep with
+`base`, app/backends/reuse.py: the base model loaded once, each line's LoRA taken off again).
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ def _mark(record: Recorder, name: str) -> None:
     record.outputs.setdefault("startup_s", {})[name] = round(time.monotonic() - PROCESS_START, 2)
 
 
-def prepare(settings, record: Recorder) -> Prepared:
-    """Everything that needs no weight, in fail-fast order; `check` stops here."""
-
-    record.hardware = hardware = detect_hardware(settings.num_gpus)
+def prepare(settings, record: Recorder, base: Any = None) -> Prepared:
+    """Everything that needs no weight, in fail-fast order; `check` stops here. (A sweep's `base` counts as free.)"""
+    hardware = detect_hardware(settings.num_gpus)
+    record.hardware = hardware = base.count_as_free(hardware) if base is not None else hardware
     check_hardware(settings, hardware)
     backend = select_backend(settings.backend, hardware)
     record.backend = backend.name
@@ -75,12 +76,11 @@ def prepare(settings, record: Recorder) -> Prepared:
 
 
 def setup(settings, record: Recorder | None = None, base: Any = None) -> Session:
-    """Settings -> a session ready to train: prepared, its job folder locked, the model loaded (or `base`, an
-    already loaded base model without LoRA) with fresh LoRA weights. A completed job comes back with its
-    result and no model (FT_OVERWRITE=true retrains it)."""
-
+    """Settings -> a session ready to train: prepared, its job folder locked, the model loaded (or taken from
+    `base`, a sweep's SharedBase) with fresh LoRA weights. A completed job comes back with its result and no
+    model (FT_OVERWRITE=true retrains it)."""
     record = record or Recorder(settings=settings)
-    prepared = prepare(settings, record)
+    prepared = prepare(settings, record, base)
     job, lock = open_job(settings.output_dir, prepared.job_id, lock=is_main())
     record.job_root = job.root
     session = Session(prepared, job, lock)
@@ -95,9 +95,8 @@ def setup(settings, record: Recorder | None = None, base: Any = None) -> Session
     started = time.monotonic()
     from transformers import set_seed
 
-    backend = prepared.backend
-    model = base if base is not None else backend.load_model(settings, session.model_path, prepared.hardware,
-                                                            prepared.plan)
+    backend, load = prepared.backend, (settings, session.model_path, prepared.hardware, prepared.plan)
+    model = base.load(backend, *load) if base is not None else backend.load_model(*load)
     # add_lora draws the LoRA A matrices from the global RNG, before the trainer seeds it: seed here, or
     # FT_SEED does not fix the initial adapter and two runs of the same job train different models.
     set_seed(settings.seed)
@@ -155,7 +154,7 @@ def finish(session: Session, outcome: Outcome, record: Recorder) -> dict[str, An
 
 
 def run(settings, record: Recorder, stop, base: Any = None) -> dict[str, Any]:
-    """One whole job (`python -m app train`, one line of a sweep): its result.json."""
+    """One whole job (`python -m app train`, or a sweep line: `base` gets the model back without LoRA): result.json"""
     session = setup(settings, record, base)
     try:
         if session.completed is not None:
@@ -163,12 +162,13 @@ def run(settings, record: Recorder, stop, base: Any = None) -> dict[str, Any]:
             return session.completed
         return finish(session, train(session, stop, record), record)
     finally:
+        if base is not None:
+            base.release(session.model)
         session.close()
 
 
 def check(settings, record: Recorder) -> dict[str, Any]:
     """Settings, data, GPU preflight; loads no weights. A summary of what `train` would do."""
-
     prepared = prepare(settings, record)
     require_fit(prepared.plan, settings, prepared.shape, prepared.backend.memory, prepared.hardware,
                 prepared.data.lengths)

@@ -1,10 +1,12 @@
-"""loss.png: train and eval loss against the optimizer step, from metrics.jsonl (matplotlib, no display)."""
+"""loss.png: train and eval loss against the optimizer step, from metrics.jsonl (matplotlib, no display); sweep.png:
+the same for every line of a sweep, in one picture."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from pathlib import Path
 
 from app.jobdir import JobDir
 
@@ -67,4 +69,48 @@ def write_loss_plot(job: JobDir) -> bool:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, job.plot)
+    return True
+
+
+def write_sweep_plot(output_dir: Path, lines: list[tuple[str, str | None]], path: Path, title: str = "") -> bool:
+    """sweep.png (atomically): every line's training loss (a line) and eval loss (dots on a dashed line) against
+    the optimizer step, one colour per line, labelled by `lines`' labels (what differs between the lines). False
+    when no line has logged a loss yet."""
+    curves = []
+    for text, job_id in lines:
+        records = read_metrics(JobDir(Path(output_dir) / job_id)) if job_id else []
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+        if train or evals:
+            curves.append((text, train, evals))
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    columns = 2 if len(curves) > 8 and max(len(text) for text, _, _ in curves) <= 75 else 1  # 75 chars: half the width
+    rows = -(-len(curves) // columns)
+    fig, ax = plt.subplots(figsize=(11, 4.5 + 0.19 * rows), dpi=110)
+    for number, (text, train, evals) in enumerate(curves):
+        colour = colours(number % colours.N)
+        if train:
+            ax.plot(*zip(*train, strict=True), color=colour, linewidth=1.1, label=text)
+        if evals:
+            ax.plot(*zip(*evals, strict=True), "o--", color=colour, linewidth=0.8, markersize=3.5,
+                    label=None if train else text)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean NLL per trained token, nats)")
+    ax.set_title((title + ": " if title else "") + "training loss (lines), eval loss on test_file (dots)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=columns, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.19 * rows / (4.5 + 0.19 * rows) + 0.01, 1, 1))
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
     return True

@@ -11,6 +11,11 @@ documents that MFU needs (bench/flops.py).
 
 The tokenizer is loaded from a model folder as the job loads it (app.tokenizer.tokenizer_of): every shape's
 folder holds the same one.
+
+    stats = build_count(out / "code_train.jsonl", conversations=717, tokenizer)   # the sweep row (bench/sweep.py)
+
+writes a file of a given number of conversations instead, in the same shuffled repetitions: the bundled sample's
+conversations are a few hundred tokens each, as the published code run's 717 MBPP conversations are.
 """
 
 from __future__ import annotations
@@ -81,5 +86,35 @@ def build(out: Path, seq: int, rows: int, tokenizer, seed: int = 3407, margin: f
     stats = DataStats(path=str(out), seq=seq, target_tokens=target, conversations=len(chosen), tokens=sum(used),
                       trained_tokens=sum(trained[i] for i in chosen), longest=max(used), ctx_mean=ctx_mean(used),
                       seed=seed)
+    out.with_suffix(out.suffix + ".json").write_text(json.dumps(stats.as_dict(), indent=2))
+    return stats
+
+
+def build_count(out: Path, conversations: int, tokenizer, seed: int = 3407,
+                source: Path = SAMPLE_DIR / "train.jsonl") -> DataStats:
+    """Write `out` with exactly `conversations` conversations of `source`, each repetition shuffled with its own
+    fixed seed (seed + repetition); `out`.json gets its DataStats (seq: the longest conversation)."""
+    out = Path(out)
+    base = load_conversations(source)
+    chosen: list[int] = []
+    repetition = 0
+    while len(chosen) < conversations:
+        order = list(range(len(base)))
+        random.Random(seed + repetition).shuffle(order)
+        chosen += order[: conversations - len(chosen)]
+        repetition += 1
+    formatter = Formatter(tokenizer, 1_000_000)  # no truncation: the lengths as written
+    encoded = [formatter.encode(conversation) for conversation in base]
+    lengths = [len(e.input_ids) for e in encoded]
+    trained = [sum(label != -100 for label in e.labels[1:]) for e in encoded]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as handle:
+        for index in chosen:
+            conversation = base[index]
+            handle.write(json.dumps({"messages": conversation.messages, **conversation.extra}, ensure_ascii=False) + "\n")
+    used = [lengths[i] for i in chosen]
+    stats = DataStats(path=str(out), seq=max(used), target_tokens=sum(used), conversations=len(chosen),
+                      tokens=sum(used), trained_tokens=sum(trained[i] for i in chosen), longest=max(used),
+                      ctx_mean=ctx_mean(used), seed=seed)
     out.with_suffix(out.suffix + ".json").write_text(json.dumps(stats.as_dict(), indent=2))
     return stats

@@ -103,13 +103,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_logged(cmd: list[str], log_path: Path, timeout: float,
-               extra_env: dict[str, str] | None = None) -> tuple[int | None, str]:
+def run_logged(cmd: list[str], log_path: Path, timeout: float, extra_env: dict[str, str] | None = None,
+               env: dict[str, str] | None = None) -> tuple[int | None, str]:
     """Run cmd in its own process group, stderr appended to log_path; (exit code or None on timeout, stdout).
-    On a timeout the whole group (the worker and the job it started) is killed. `extra_env`: the FT_* settings
-    of a job (the caller's own FT_* variables are dropped first: the job would obey or refuse them)."""
+    On a timeout the whole group (the worker and the job it started) is killed. `env`: instead of child_env();
+    `extra_env`: the FT_* settings of a job, over it (the caller's own FT_* variables are dropped first: the job
+    would obey or refuse them)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = child_env()
+    env = env or child_env()
     if extra_env is not None:
         env = {k: v for k, v in env.items() if not k.startswith("FT_")} | extra_env
     with open(log_path, "a", encoding="utf-8") as log:

@@ -11,7 +11,10 @@
 # partly filled card: exit 3 + a suggestion that fits) · bench7-4bit-parity (4-bit loss parity: the job, the
 # baseline with and without PEFT's float32 upcast, the job's hf backend; 12 steps) · importtime, importprof ·
 # e2e (bench/e2e.py: the code preset end to end, job vs plain TRL vs OpenWeights-style; needs .owjob/, the
-# openweights 0.14.0 wheel's jobs/unsloth folder) · survey (job variants and the OpenWeights path, 10 steps).
+# openweights 0.14.0 wheel's jobs/unsloth folder) · survey (job variants and the OpenWeights path, 10 steps) ·
+# model7 (build the Qwen2-7B shape's folder only) · sweep7 (bench/sweep.py: the 24-line code grid through
+# `python -m app sweep` on one GPU, then standalone runs of 3 of its lines while the 10-minute call lasts) ·
+# sweep7-alone (the 3 standalone runs only, compared with the sweep7 of an earlier call on the same machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -150,6 +153,22 @@ phase_probe_hf() {  # the hf backend's peaks (its Profile), 0.5B at 1/2/4 and 7B
   probe_table probe-hf
 }
 
+phase_sweep() {  # phase_sweep NAME SHAPE SECONDS BENCH-ARGS...: the sweep row (bench/sweep.py) within SECONDS
+  local name=$1 shape=$2 limit=$3 t0=$SECONDS
+  shift 3
+  model "$shape" >/dev/null  # built once (bench/run.py's folder); its time comes off the budget
+  local budget=$((limit - (SECONDS - t0)))
+  # /tmp/$name stays on the machine: sweep7-alone compares its standalone runs with this sweep's adapters.
+  timeout $((budget + 30)) python3 -m bench.sweep --out "/tmp/$name" --shape "$shape" --models-dir "$MODELS" \
+    --budget "$budget" "$@" >"$OUT/$name.log" 2>&1
+  note "sweep $name: exit $? ($(elapsed) s)"
+  [ -f "/tmp/$name/table.md" ] && cat "/tmp/$name/table.md" >>"$SUMMARY"
+  cp "/tmp/$name/sweep-bench.json" "$OUT/$name.json" 2>/dev/null
+  # Only 8 files come back from $OUT: the sweep's summary, plot and logs in one archive.
+  tar -czf "$OUT/$name.tgz" -C /tmp "$name/grid.jsonl" "$name/logs" $(cd /tmp && ls -d "$name"/sweep/sweep.* \
+    "$name"/*/ftjob-*/result.json "$name"/*/ftjob-*/metrics.jsonl 2>/dev/null) 2>/dev/null
+}
+
 phase_importprof() {  # where `import unsloth` spends its time, by function (cumulative)
   python3 -c "import cProfile, pstats; cProfile.run('import unsloth', '/tmp/import.prof'); \
 pstats.Stats('/tmp/import.prof').sort_stats('cumulative').print_stats(80)" >"$OUT/importprof.txt" 2>&1
@@ -224,6 +243,9 @@ for phase in "$@"; do
       --paths job,baseline-noupcast,baseline --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak --seed 1 ;;
     bench7-4bit-accept) phase_bench bench-7b-4bit-accept qwen2-7b 440 --modes 4bit \
       --paths job,job-ckpt,baseline,baseline-noupcast --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
+    model7) model qwen2-7b >/dev/null; note "model qwen2-7b: built in $MODELS ($(elapsed) s)" ;;
+    sweep7) phase_sweep sweep7 qwen2-7b 570 --prompts 6 --seeds 4 --standalone 3 ;;
+    sweep7-alone) phase_sweep sweep7 qwen2-7b 570 --prompts 6 --seeds 4 --standalone 3 --skip-sweep ;;
     refuse) phase_refuse ;;
     survey) phase_e2e survey 300 --paths job,job-padfree,job-ckpt,ow --max-steps 10 ;;
     e2e) phase_e2e e2e 540 --paths job,job-warm,plain,ow --drop-caches ;;

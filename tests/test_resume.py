@@ -291,7 +291,7 @@ def test_secrets_never_reach_logs_results_metrics_or_checkpoints(tiny_model, tmp
     # A bug (exit 1) whose exception text carries the token: the logged traceback is redacted too.
     import app.pipeline
 
-    def leak(settings, record):
+    def leak(settings, record, *args):
         raise RuntimeError(f"could not use token {SECRETS['HF_TOKEN']}")
 
     monkeypatch.setattr(app.pipeline, "prepare", leak)

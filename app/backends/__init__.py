@@ -1,7 +1,8 @@
 """Backends: what differs between ways of running the model, and only that.
 
-A backend loads the base model, adds LoRA, adds its own training arguments, says how it spends memory,
-saves the adapter and the merged model, and switches the model to inference (sampling callbacks). The data,
+A backend loads the base model, adds LoRA (and takes it off again, for the next line of a sweep), adds its own
+training arguments, says how it spends memory, saves the adapter and the merged model, and switches the model to
+inference (sampling callbacks). The data,
 the masks, the batch plan, the trainer and the result are shared. Adding a backend is a module here that
 defines a class with the `Backend` protocol and one line in `BACKENDS`; nothing else tests a backend's name.
 
@@ -40,7 +41,15 @@ class Backend(Protocol):
 
     def load_model(self, settings, model_path: Path, hardware, plan) -> Any: ...
 
+    def load_key(self, settings, plan) -> tuple:
+        """The settings load_model's result depends on (besides the model folder and the hardware): runs with equal
+        keys can share one loaded base model (a sweep: app/backends/reuse.py)."""
+
     def add_lora(self, model, settings, plan) -> Any: ...
+
+    def remove_lora(self, model) -> Any:
+        """The base model that add_lora was given, without the LoRA layers (a sweep's next line adds its own).
+        What else a run changed on the base (flags, hooks, config, biases) is put back by app/backends/reuse.py."""
 
     def trainer_args(self, plan) -> dict[str, Any]:
         """Its own arguments of TRL's SFTConfig (e.g. who does gradient checkpointing)."""

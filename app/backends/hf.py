@@ -49,6 +49,9 @@ class HfBackend(PeftBackend):
         model.config.use_cache = False
         return model
 
+    def load_key(self, settings, plan) -> tuple:
+        return (settings.load_in_4bit,)
+
     def add_lora(self, model, settings, plan):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

@@ -2,6 +2,15 @@
 
 `activate()` imports unsloth, which must happen before transformers, TRL and PEFT are imported (it patches
 them); the pipeline activates the backend before it loads anything else.
+
+A sweep reuses the loaded base (app/backends/reuse.py). LoRA comes off with PEFT's `unload()` (remove_lora, shared
+with hf), as for any PeftModel: unsloth's get_peft_model wraps the base with PEFT's get_peft_model, and its fused
+LoRA kernels take the plain Linear layers that unload leaves (unsloth 2026.10.9, kernels/fast_lora.py). What
+get_peft_model and the trainer set on the base besides (fused MLP forwards, attention apply_qkv/apply_o,
+max_seq_length and for_training/for_inference on every module, requires_grad and dtypes from its k-bit
+preparation, hooks, unsloth_version in the config) is put back from the snapshot taken after from_pretrained;
+from_pretrained's own inputs (sequence length, checkpointing) are in load_key. Read from unsloth's source, tested
+on the CPU through the hf backend; not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -69,6 +78,10 @@ class UnslothBackend(PeftBackend):
             **({"device_map": {"": local_rank()}} if world_size() > 1 else {}),  # one whole copy per rank
         )
         return model
+
+    def load_key(self, settings, plan) -> tuple:
+        """from_pretrained takes the sequence length (RoPE scaling, its own max_seq_length) and the checkpointing."""
+        return settings.load_in_4bit, settings.max_seq_length, plan.checkpointing
 
     def add_lora(self, model, settings, plan):
         from unsloth import FastLanguageModel
