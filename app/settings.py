@@ -159,9 +159,12 @@ class Settings(BaseSettings):
     # --- what to train on -----------------------------------------------------------------------------
     model: str = Field(description="Base model: a local directory, or a hub id when the hub is reachable.",
                        json_schema_extra=TRAINS)
-    training_file: Path = Field(description="JSONL of conversations: one {\"messages\": [...]} per line.",
-                                json_schema_extra=facts("content"))
-    test_file: Path | None = Field(None, description="JSONL of conversations for the evaluation loss.",
+    training_file: Path = Field(
+        description="JSONL (or a .json array) of conversations: OpenAI/OpenWeights messages, ShareGPT, "
+        "prompt/completion or Alpaca rows (README.md, \"Your data\").",
+        json_schema_extra=facts("content"),
+    )
+    test_file: Path | None = Field(None, description="Conversations for the evaluation loss (formats as training_file).",
                                    json_schema_extra=facts("content"))
     chat_template: str = Field(
         "default",
