@@ -42,9 +42,11 @@ def configure_logging() -> None:
     # Library chatter: keep warnings, drop progress bars and info lines when stderr is a log file.
     from app.settings import set_library_defaults
 
-    set_library_defaults(TOKENIZERS_PARALLELISM="false")
+    # The job shows its own progress (app/console.py): no bars for the libraries' dataset preparation; downloads
+    # keep theirs on a terminal.
+    set_library_defaults(TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     if not sys.stderr.isatty():
-        set_library_defaults(HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        set_library_defaults(HF_HUB_DISABLE_PROGRESS_BARS="1")
     for name in ("transformers", "datasets", "trl", "peft", "accelerate", "httpx", "huggingface_hub", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)

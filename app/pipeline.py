@@ -4,7 +4,8 @@ app/result.py, from which result.json is written at any ending).
 
     prepared = prepare(settings, record)        no weights: hardware (app/hardware.py), backend (app/backends/,
                                                 unsloth imported first), data and tokens (app/dataset.py), the
-                                                job id (app/jobdir.py), the batch plan (app/plan.py)
+                                                job id (app/jobdir.py), the batch plan (app/plan.py); the
+                                                banner (app/console.py), the cheap checks (app/checks.py)
     session = setup(settings, record)           + the job folder, locked (a completed job returns its result),
                                                 the preflight (exit 3), step 2 the model, step 3 fresh LoRA
     outcome = train(session, stop, record)      step 5 the trainer, step 6 training (it resumes), step 7 the model
@@ -15,12 +16,12 @@ app/result.py, from which result.json is written at any ending).
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
+from app import console
 from app.backends import select_backend
-from app.checks import check_hardware
+from app.checks import check_before_tokenizing, check_hardware, check_warmup
 from app.dataset import read_data, tokenize
 from app.errors import Interrupted
 from app.formatting import pack_like_trainer
@@ -35,8 +36,6 @@ from app.result import Recorder
 from app.session import Outcome, Prepared, Session
 from app.tokenizer import inference_stop_ids, load_tokenizer
 
-log = logging.getLogger(__name__)
-
 
 def _mark(record: Recorder, name: str) -> None:
     """Seconds from process start to the end of a startup phase: where time to first step goes."""
@@ -45,30 +44,33 @@ def _mark(record: Recorder, name: str) -> None:
     record.outputs.setdefault("startup_s", {})[name] = round(time.monotonic() - PROCESS_START, 2)
 
 
-def prepare(settings, record: Recorder) -> Prepared:
-    """Everything that needs no weight, in fail-fast order; `check` stops here."""
-
+def prepare(settings, record: Recorder, writes: bool = True) -> Prepared:
+    """Everything that needs no weight, in fail-fast order; `check` stops here. The banner comes as soon as the
+    job id is known, every check that needs no tokenizer before tokenizing (`writes`: outputs will be written)."""
     record.hardware = hardware = detect_hardware(settings.num_gpus)
     check_hardware(settings, hardware)
     backend = select_backend(settings.backend, hardware)
     record.backend = backend.name
+    console.starting(settings, hardware, backend)
+    files = read_data(settings)
+    record.data = console.data_formats(files)
+    record.job_id = job_id = make_job_id(settings.identity(), files.hashes, settings.job_id_suffix)
+    console.announce(settings, job_id, files)
+    model_path = resolve_model(settings.model, settings.token())
+    config = read_config(model_path)
+    check_before_tokenizing(settings, hardware, config, writes)
     backend.activate()  # unsloth before transformers/TRL/PEFT
     _mark(record, "imports")
-    files = read_data(settings)
-    model_path = resolve_model(settings.model, settings.token())
-    record.job_id = job_id = make_job_id(settings.identity(), files.hashes, settings.job_id_suffix)
-    config = read_config(model_path)
     skeleton = build_skeleton(config) if config else None
     check_target_modules(settings.model, settings.target_modules, skeleton)
     shape = read_shape(model_path, skeleton)
     tokenizer = load_tokenizer(settings, model_path)
     data = tokenize(settings, tokenizer, files, inference_stop_ids(model_path, tokenizer))
-    record.data = data.stats
+    record.data = {split: {**record.data.get(split, {}), **stats} for split, stats in data.stats.items()}
     _mark(record, "data")
     record.plan = plan = plan_batch(settings, shape, hardware, data.lengths, world_size(), backend.memory)
-    for change in plan.adjustments:
-        log.warning("%s: using %s instead of %s (%s)", change["setting"], change["used"], change["requested"],
-                    change["why"])
+    record.outputs["optimizer_steps"] = steps = console.announce_plan(settings, data, plan)
+    check_warmup(settings, steps)
     return Prepared(settings=settings, hardware=hardware, backend=backend, model_path=model_path, shape=shape,
                     tokenizer=tokenizer, data=data, hashes=files.hashes, job_id=job_id, plan=plan)
 
@@ -77,7 +79,6 @@ def setup(settings, record: Recorder | None = None, base: Any = None) -> Session
     """Settings -> a session ready to train: prepared, its job folder locked, the model loaded (or `base`, an
     already loaded base model without LoRA) with fresh LoRA weights. A completed job comes back with its
     result and no model (FT_OVERWRITE=true retrains it)."""
-
     record = record or Recorder(settings=settings)
     prepared = prepare(settings, record)
     job, lock = open_job(settings.output_dir, prepared.job_id, lock=is_main())
@@ -167,7 +168,6 @@ def run(settings, record: Recorder, stop, base: Any = None) -> dict[str, Any]:
 
 def check(settings, record: Recorder) -> dict[str, Any]:
     """Settings, data, GPU preflight; loads no weights. A summary of what `train` would do."""
-
     prepared = prepare(settings, record)
     require_fit(prepared.plan, settings, prepared.shape, prepared.backend.memory, prepared.hardware,
                 prepared.data.lengths)
@@ -178,16 +178,16 @@ def check(settings, record: Recorder) -> dict[str, Any]:
         "job_id": prepared.job_id, "job_dir": str(job.root),
         "state": previous["status"] if previous else ("resumable" if job.latest_checkpoint() else "new"),
         "backend": prepared.backend.name, "micro_batch": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation, "optimizer": plan.optimizer, "data": record.data,
+        "gradient_accumulation_steps": plan.accumulation, "effective_batch": plan.effective_batch,
+        "optimizer_steps": record.outputs.get("optimizer_steps"), "optimizer": plan.optimizer, "data": record.data,
         "gpu": prepared.hardware.as_dict(), "adjustments": list(plan.adjustments),
         "estimated_peak_gpu_memory_gb": plan.outputs().get("estimated_peak_gpu_memory_gb"),
     }
 
 
 def preview(settings, record: Recorder, count: int) -> tuple[list[dict[str, Any]], Any]:
-    """The first `count` rows exactly as the trainer receives them (packed when FT_PACKING=true), and the
-    tokenizer that decodes them."""
-    prepared = prepare(settings, record)
+    """The first `count` rows exactly as the trainer receives them (packed when FT_PACKING=true); the tokenizer."""
+    prepared = prepare(settings, record, writes=False)
     dataset = prepared.data.train
     if settings.packing:
         dataset = pack_like_trainer(dataset, settings.max_seq_length, settings.seed)

@@ -312,6 +312,12 @@ class Settings(BaseSettings):
         json_schema_extra=facts(False, env_only=True),
     )
     overwrite: bool = Field(False, description="Retrain a completed job (the only way to).", json_schema_extra=facts(False))
+    allow_cpu: bool = Field(
+        False,
+        description="Train on the CPU although no GPU is visible and the model has over 300M parameters (refused "
+        "otherwise: days of training, and usually a GPU that was not passed to the container).",
+        json_schema_extra=facts(False),
+    )
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto",
         description="Recompute activations in the backward pass: 'auto' only when the run does not fit the GPU "
