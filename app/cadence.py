@@ -19,16 +19,25 @@ periodic lines on a log); metrics.jsonl and its log lines are MetricsCallback's 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import TrainerCallback
 
 from app import console
 from app.console import Progress
 
+log = logging.getLogger(__name__)
+
 
 class CurrentCadence(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
+        before = {kind: getattr(state, f"{kind}_steps") for kind in ("logging", "eval", "save")}
         state.compute_steps(args, state.max_steps)  # what a fresh run sets; a resumed one loaded the old values
+        changed = [f"{kind}_steps {getattr(state, f'{kind}_steps')} (was {value})" for kind, value in before.items()
+                   if state.global_step and getattr(state, f"{kind}_steps") != value]
+        if changed:  # transformers has just warned that the checkpoint's differ; these are the ones used
+            log.info("resumed with this run's cadence: %s", ", ".join(changed))
         return control
 
 
@@ -49,6 +58,10 @@ class EvaluationOffTrainingRng(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_evaluate:
             self._save()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:
+            self._save()  # the epoch's evaluation (test_file_eval_strategy=epoch) comes next
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if control.should_evaluate and not any(key.startswith("eval_") for key in logs or {}):
