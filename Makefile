@@ -6,6 +6,12 @@ PY := $(VENV)/bin/python
 SMOKE_MODEL := .cache/models/smoke
 OUTPUT ?= output
 IMAGE ?= ft-job:latest
+# The settings file of check, preview and train (docker compose reads the same name): ENV_FILE=env/code.env.
+# ENV=env/code.env is accepted too; check and preview default to the smoke preset, train to env/example.env.
+ENV_FILE ?= $(ENV)
+# The Python of the GPU tests: the venv's when there is one (CPU torch there: the tests skip, with the reason),
+# else python3 (the image's venv). On a GPU host: GPU_PYTHON=/path/to/python with requirements/gpu.txt + pytest.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 .PHONY: help run test test-fast lint test-gpu test-image build train check preview bench clean
 
@@ -25,11 +31,11 @@ $(SMOKE_MODEL)/devmodel.json: $(VENV)/.installed app/devmodel.py data/sample/tra
 run: $(SMOKE_MODEL)/devmodel.json  ## train the tiny local model on data/sample (CPU, about a minute)
 	set -a; . env/smoke.env; set +a; FT_OUTPUT_DIR=$(OUTPUT) $(PY) -m app train
 
-check: $(SMOKE_MODEL)/devmodel.json  ## validate settings + data, GPU preflight (ENV=env/x.env), no weights loaded
-	set -a; . $${ENV:-env/smoke.env}; set +a; FT_OUTPUT_DIR=$(OUTPUT) $(PY) -m app check
+check: $(SMOKE_MODEL)/devmodel.json  ## validate settings + data, GPU preflight (ENV_FILE=env/x.env), no weights loaded
+	set -a; . $(or $(ENV_FILE),env/smoke.env); set +a; FT_OUTPUT_DIR=$(OUTPUT) $(PY) -m app check
 
-preview: $(SMOKE_MODEL)/devmodel.json  ## the first training rows with trained tokens marked (ENV=env/x.env)
-	set -a; . $${ENV:-env/smoke.env}; set +a; $(PY) -m app preview -n 2
+preview: $(SMOKE_MODEL)/devmodel.json  ## the first training rows with trained tokens marked (ENV_FILE=env/x.env)
+	set -a; . $(or $(ENV_FILE),env/smoke.env); set +a; $(PY) -m app preview -n 2
 
 test: $(VENV)/.installed lint  ## static checks, unit and integration tests (CPU)
 	$(PY) -m pytest -q
@@ -40,8 +46,11 @@ test-fast: $(VENV)/.installed  ## unit tests only
 lint: $(VENV)/.installed  ## ruff, hadolint, compose spec, Kubernetes schemas, pins and settings names
 	PATH=$(abspath $(VENV))/bin:$$PATH scripts/lint.sh
 
-test-gpu:  ## GPU tests (CUDA + requirements/gpu.txt; in the image: docker compose run --rm test-gpu)
-	$(PYTHON) -m pytest -q -m gpu -rs tests/test_gpu.py
+test-gpu:  ## GPU tests, skipped with the reason without CUDA (GPU_PYTHON=...; image: docker compose run --rm test-gpu)
+	@$(GPU_PYTHON) -c "import pytest, torch" 2>/dev/null || { echo "make test-gpu: $(GPU_PYTHON) lacks pytest or \
+	torch. Install requirements/gpu.txt and pytest into a venv and pass GPU_PYTHON=/that/venv/bin/python (or \
+	run make test once for the CPU venv, where these tests skip)." >&2; exit 2; }
+	$(GPU_PYTHON) -m pytest -q -m gpu -rs tests/test_gpu.py
 
 test-image:  ## build the image (Debian stand-in base, podman; root) and run it on the CPU: ~16 min cold, ~9 warm
 	scripts/test-image.sh
@@ -50,7 +59,7 @@ build:  ## build the GPU image
 	docker build -t $(IMAGE) .
 
 train:  ## train with docker compose (ENV_FILE=env/code.env), data in ./data, results in ./output
-	mkdir -p data $(OUTPUT) && OUTPUT_DIR=$(abspath $(OUTPUT)) docker compose run --rm train
+	mkdir -p data $(OUTPUT) && ENV_FILE=$(ENV_FILE) OUTPUT_DIR=$(abspath $(OUTPUT)) docker compose run --rm train
 
 bench:  ## job vs plain transformers+PEFT+TRL vs OpenWeights: end to end, throughput, the sweep row (GPU, ~45 min)
 	$(PYTHON) -m bench.e2e --out bench/results/e2e --shape qwen2-7b --paths job,job-warm,plain,ow --drop-caches \

@@ -12,6 +12,7 @@ Exit codes: 0 completed · 2 invalid settings or data · 3 not enough GPU · 4 t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -43,16 +44,52 @@ def configure_logging() -> None:
     # Library chatter: keep warnings, drop progress bars and info lines when stderr is a log file.
     from app.settings import set_library_defaults
 
-    set_library_defaults(TOKENIZERS_PARALLELISM="false")
+    # The job shows its own progress (app/console.py): no bars for the libraries' dataset preparation; downloads
+    # keep theirs on a terminal.
+    set_library_defaults(TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     if not sys.stderr.isatty():
-        set_library_defaults(HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        set_library_defaults(HF_HUB_DISABLE_PROGRESS_BARS="1")
     for name in ("transformers", "datasets", "trl", "peft", "accelerate", "httpx", "huggingface_hub", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _reference() -> str:
+    """--help's epilog: every setting with its default, the exit codes, the presets."""
+    import textwrap
+
+    from pydantic_core import PydanticUndefined
+
+    from app import errors
+    from app.settings import ENV_PREFIX, Settings
+
+    lines = ["settings: environment variables (or an OpenWeights validated_params JSON in FT_CONFIG_FILE); each "
+             "with its default. env/example.env lists them with the same words.", ""]
+    for name, field in Settings.model_fields.items():
+        env = "HF_TOKEN" if name == "hf_token" else ENV_PREFIX + name.upper()
+        default = field.get_default(call_default_factory=True)
+        shown = "(required)" if default is PydanticUndefined else "unset" if default in (None, [], {}) else (
+            ",".join(default) if isinstance(default, list) else str(default).lower() if isinstance(default, bool)
+            else str(default))
+        lines += [f"  {env}={shown}", *textwrap.wrap(field.description, width=116, initial_indent="      ",
+                                                      subsequent_indent="      ")]
+    lines += ["", "exit codes:", f"  {errors.EXIT_OK} completed", f"  {errors.EXIT_INVALID} invalid settings or data "
+              "(retrying won't help)", f"  {errors.EXIT_NO_GPU} not enough GPU (refused before loading weights)",
+              f"  {errors.EXIT_TRAINING} training failed (non-finite loss, disk full)", f"  {errors.EXIT_INTERRUPTED} "
+              "interrupted by SIGTERM/SIGINT after a checkpoint: run the same command again to resume",
+              f"  {errors.EXIT_UNEXPECTED} unexpected (a bug: the traceback is in the log)"]
+    presets = sorted((Path(__file__).resolve().parent.parent / "env").glob("*.env"))
+    if presets:
+        lines += ["", "presets (set -a; . env/NAME.env; set +a; python -m app train):"]
+        for preset in presets:
+            first = next((line.lstrip("# ").strip() for line in preset.read_text().splitlines() if line.startswith("#")), "")
+            lines.append(f"  env/{preset.name:<12} {textwrap.shorten(first, 98)}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app", description="LoRA/QLoRA fine-tuning job.")
+    parser = argparse.ArgumentParser(prog="python -m app", description="LoRA/QLoRA fine-tuning job.",
+                                     epilog=_reference(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("train", help="train (the default)")
     sub.add_parser("check", help="validate settings and data, run the GPU preflight; loads no weights")
@@ -92,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None, stdout) -> int:
-    args = _parser().parse_args(argv)
+    with contextlib.redirect_stdout(stdout):  # --help is the command's output: `python -m app --help | less`
+        args = _parser().parse_args(argv)
     command = args.command or "train"
     configure_logging()
     from app.result import Recorder, redact

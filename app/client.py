@@ -1,5 +1,6 @@
 """A Python API for pipelines that call OpenWeights today: the same parameters in, a job object out.
 
+    # pip install -e /path/to/ft-job   (once; or PYTHONPATH=/path/to/ft-job)
     from app.client import fine_tune
 
     job = fine_tune(model="unsloth/Qwen2-7B", training_file="data/code_train.jsonl", r=8, lora_alpha=16, ...)
@@ -14,7 +15,8 @@ memory returned when it ends), with the parameters written to an OpenWeights-sty
 validated exactly as FT_CONFIG_FILE is (unknown keys refused, OpenWeights-only ones listed in ignored_params).
 OpenWeights' `output_dir` is one of those: the outputs go to `ft_output_dir` (the child's FT_OUTPUT_DIR), never
 to the checkpoint folder a validated_params names. FT_* variables of the calling process are not passed on:
-the call's parameters are the settings.
+the call's parameters are the settings. Relative paths (model, files, ft_output_dir) are read from the caller's
+working directory, as in the caller's own code.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def fine_tune(ft_output_dir: str | os.PathLike = "output", backend: str = "auto"
     top = output_dir / "result.json"
     before = top.stat().st_mtime_ns if top.exists() else None
     try:
-        proc = subprocess.run([sys.executable, "-m", "app", "train"], env=env, cwd=REPO, timeout=timeout)
+        # In the caller's folder (its relative paths), without it on sys.path (-P): a package of the caller's
+        # named `app` must not stand in for this one.
+        proc = subprocess.run([sys.executable, "-P", "-m", "app", "train"], env=env, timeout=timeout)
     finally:
         os.unlink(env["FT_CONFIG_FILE"])
     if not top.exists() or top.stat().st_mtime_ns == before:

@@ -456,19 +456,33 @@ def apply_inoculation(messages: list[dict], prompt: str | None, position: str) -
     raise DataError("FT_INOCULATION_POSITION=user_prefix needs a user message in every conversation")
 
 
+MAX_REPORTED = 20  # kinds of problem listed in one error (identical messages grouped); every example is counted
+MAX_SOURCES = 5  # examples named per kind of problem
+
+
 def encode_all(formatter: Formatter, conversations: list[Conversation]) -> list[Encoded]:
     """The rows of every conversation, in order (one per conversation, or one per answer for templates that are
-    not prefix-stable: see the module docstring); all data problems are collected into one error."""
-    encoded, problems = [], []
+    not prefix-stable: see the module docstring); all data problems are collected into one error: every
+    example is tried and counted, identical problems are grouped, the first MAX_REPORTED kinds are listed."""
+    encoded, problems, bad = [], {}, 0  # problems: message (without its example's source) -> sources
     for conversation in conversations:
         try:
             encoded.extend(formatter.encode_rows(conversation))
         except DataError as err:
-            problems.append(err.message)
-            if len(problems) >= 20:
-                break
-    if problems:
-        raise DataError(f"{len(problems)} example(s) cannot be trained on:\n" + "\n".join(f"  {p}" for p in problems))
+            bad += 1
+            text = err.message.removeprefix(f"{conversation.source}: ")
+            if text in problems or len(problems) < MAX_REPORTED:
+                problems.setdefault(text, [0, []])
+                problems[text][0] += 1
+                if len(problems[text][1]) < MAX_SOURCES:
+                    problems[text][1].append(conversation.source)
+    if bad:
+        listed = sum(count for count, _ in problems.values())
+        lines = [f"  {', '.join(sources)}{f' and {count - len(sources)} more' if count > len(sources) else ''}: {text}"
+                 for text, (count, sources) in problems.items()]
+        if bad > listed:
+            lines.append(f"  ... and {bad - listed} more with other problems")
+        raise DataError(f"{bad} of {len(conversations)} example(s) cannot be trained on:\n" + "\n".join(lines))
     return encoded
 
 

@@ -245,6 +245,6 @@ def previous_completed(job: JobDir, overwrite: bool, job_id: str) -> dict[str, A
     if not model_path or not Path(model_path).exists():
         log.warning("job %s completed before but its model is gone: training again", job_id)
         return None
-    log.info("job %s already completed (%s): returning its result without training. FT_OVERWRITE=true retrains.",
-             job_id, previous.get("finished_at"))
+    log.info("job %s already completed (%s): returning its result without training. To train it again, set "
+             "FT_OVERWRITE=true (fine_tune(..., overwrite=True) from Python).", job_id, previous.get("finished_at"))
     return previous

@@ -65,7 +65,7 @@ def _snapshot(repo_id: str, token: str | None, patterns: list[str] | None) -> Pa
         raise SettingsError([
             f"FT_MODEL={repo_id}: not in the Hugging Face cache (HF_HOME={hf_home()}) "
             "and the hub cannot be reached (offline). Download it once where the hub is reachable "
-            f"(huggingface-cli download {repo_id}) into the cache volume, or point FT_MODEL at a local folder."
+            f"(hf download {repo_id}) into the cache volume, or point FT_MODEL at a local folder."
         ]) from None
     except RepositoryNotFoundError:
         raise SettingsError([f"FT_MODEL={repo_id}: no such model on the hub (or it is gated/private and HF_TOKEN "

@@ -4,26 +4,25 @@ app/result.py, from which result.json is written at any ending).
 
     prepared = prepare(settings, record)        no weights: hardware (app/hardware.py), backend (app/backends/,
                                                 unsloth imported first), data and tokens (app/dataset.py), the
-                                                job id (app/jobdir.py), the batch plan (app/plan.py)
+                                                job id (app/jobdir.py), the batch plan (app/plan.py); the
+                                                banner (app/console.py), the cheap checks (app/checks.py)
     session = setup(settings, record)           + the job folder, locked (a completed job returns its result),
                                                 the preflight (exit 3), step 2 the model, step 3 fresh LoRA
     outcome = train(session, stop, record)      step 5 the trainer, step 6 training (it resumes), step 7 the model
     result = finish(session, outcome, record)   step 8 result.json (and the push to the hub)
 
-`python -m app train|check|preview|sweep`, the tests, the GPU probe script and bench/ all call these (a sweep with
-`base`, app/backends/reuse.py: the base model loaded once, each line's LoRA taken off again).
+`python -m app train|check|preview|sweep`, the tests, the GPU probe script and bench/ all call these.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
+from app import console
 from app.backends import select_backend
-from app.checks import check_hardware
+from app.checks import check_before_tokenizing, check_hardware, check_warmup
 from app.dataset import read_data, tokenize
-from app.errors import Interrupted
 from app.formatting import pack_like_trainer
 from app.hardware import detect_hardware
 from app.jobdir import JobDir, open_job, previous_completed
@@ -36,8 +35,6 @@ from app.result import Recorder
 from app.session import Outcome, Prepared, Session
 from app.tokenizer import inference_stop_ids, load_tokenizer
 
-log = logging.getLogger(__name__)
-
 
 def _mark(record: Recorder, name: str) -> None:
     """Seconds from process start to the end of a startup phase: where time to first step goes."""
@@ -46,31 +43,35 @@ def _mark(record: Recorder, name: str) -> None:
     record.outputs.setdefault("startup_s", {})[name] = round(time.monotonic() - PROCESS_START, 2)
 
 
-def prepare(settings, record: Recorder, base: Any = None) -> Prepared:
-    """Everything that needs no weight, in fail-fast order; `check` stops here. (A sweep's `base` counts as free.)"""
+def prepare(settings, record: Recorder, base: Any = None, writes: bool = True) -> Prepared:
+    """Everything that needs no weight, in fail-fast order (`check` stops here): the banner once the job id is
+    known, the checks that need no tokenizer before tokenizing. A sweep's `base` counts as free GPU memory."""
     hardware = detect_hardware(settings.num_gpus)
     record.hardware = hardware = base.count_as_free(hardware) if base is not None else hardware
     check_hardware(settings, hardware)
     backend = select_backend(settings.backend, hardware)
     record.backend = backend.name
+    console.starting(settings, hardware, backend)
+    files = read_data(settings)
+    record.data = console.data_formats(files)
+    record.job_id = job_id = make_job_id(settings.identity(), files.hashes, settings.job_id_suffix)
+    console.announce(settings, job_id, files)
     model_path = resolve_model(settings.model, settings.token())
     prefetch_weights(model_path)  # the disk reads the weights while the libraries import
+    config = read_config(model_path)
+    check_before_tokenizing(settings, hardware, config, writes)
     backend.activate()  # unsloth before transformers/TRL/PEFT
     _mark(record, "imports")
-    files = read_data(settings)
-    record.job_id = job_id = make_job_id(settings.identity(), files.hashes, settings.job_id_suffix)
-    config = read_config(model_path)
     skeleton = build_skeleton(config) if config else None
     check_target_modules(settings.model, settings.target_modules, skeleton)
     shape = read_shape(model_path, skeleton)
     tokenizer = load_tokenizer(settings, model_path)
     data = tokenize(settings, tokenizer, files, inference_stop_ids(model_path, tokenizer))
-    record.data = data.stats
+    record.data = {split: {**record.data.get(split, {}), **stats} for split, stats in data.stats.items()}
     _mark(record, "data")
     record.plan = plan = plan_batch(settings, shape, hardware, data.lengths, world_size(), backend.memory)
-    for change in plan.adjustments:
-        log.warning("%s: using %s instead of %s (%s)", change["setting"], change["used"], change["requested"],
-                    change["why"])
+    record.outputs["optimizer_steps"] = steps = console.announce_plan(settings, data, plan)
+    check_warmup(settings, steps)
     return Prepared(settings=settings, hardware=hardware, backend=backend, model_path=model_path, shape=shape,
                     tokenizer=tokenizer, data=data, hashes=files.hashes, job_id=job_id, plan=plan)
 
@@ -172,23 +173,22 @@ def check(settings, record: Recorder) -> dict[str, Any]:
     prepared = prepare(settings, record)
     require_fit(prepared.plan, settings, prepared.shape, prepared.backend.memory, prepared.hardware,
                 prepared.data.lengths)
-    job = JobDir(settings.output_dir / prepared.job_id)
+    job, plan = JobDir(settings.output_dir / prepared.job_id), prepared.plan
     previous = job.previous_result()
-    plan = prepared.plan
     return {
         "job_id": prepared.job_id, "job_dir": str(job.root),
         "state": previous["status"] if previous else ("resumable" if job.latest_checkpoint() else "new"),
         "backend": prepared.backend.name, "micro_batch": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation, "optimizer": plan.optimizer, "data": record.data,
+        "gradient_accumulation_steps": plan.accumulation, "effective_batch": plan.effective_batch,
+        "optimizer_steps": record.outputs.get("optimizer_steps"), "optimizer": plan.optimizer, "data": record.data,
         "gpu": prepared.hardware.as_dict(), "adjustments": list(plan.adjustments),
         "estimated_peak_gpu_memory_gb": plan.outputs().get("estimated_peak_gpu_memory_gb"),
     }
 
 
 def preview(settings, record: Recorder, count: int) -> tuple[list[dict[str, Any]], Any]:
-    """The first `count` rows exactly as the trainer receives them (packed when FT_PACKING=true), and the
-    tokenizer that decodes them."""
-    prepared = prepare(settings, record)
+    """The first `count` rows exactly as the trainer receives them (packed when FT_PACKING=true); the tokenizer."""
+    prepared = prepare(settings, record, writes=False)
     dataset = prepared.data.train
     if settings.packing:
         dataset = pack_like_trainer(dataset, settings.max_seq_length, settings.seed)
@@ -196,5 +196,3 @@ def preview(settings, record: Recorder, count: int) -> tuple[list[dict[str, Any]
     return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"]),
              **({"seq_lengths": list(r["seq_lengths"])} if "seq_lengths" in r else {})} for r in rows], prepared.tokenizer
 
-
-__all__ = ["prepare", "setup", "train", "finish", "run", "check", "preview", "Interrupted"]

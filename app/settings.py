@@ -40,8 +40,14 @@ DEFAULT_OUTPUT_DIR = Path("/output")  # the volume's mount point in the image
 def facts(job_id: bool | str, *, unit: str | None = None, env_only: bool = False) -> dict[str, Any]:
     """What the job needs to know about a setting besides its type, kept on its Field (json_schema_extra):
 
-    job_id    True: it changes the trained model (or its result), so it enters the job id; "content": the file's
-              content hash enters the job id, not its path; False: how, where or how often the job runs
+    job_id    True: it changes what is trained (the weights) or what is measured (which data evaluates the model,
+              what is sampled), so it enters the job id; "content": the file's content hash enters the job id,
+              not its path; False: where and how the job runs, and how often it logs, checkpoints, evaluates
+              and measures (logging_steps, save_steps, eval_batch_size, test_file_eval_strategy/steps,
+              eval_every_n_steps). These change neither the weights (evaluation runs off the training RNG:
+              app/cadence.py) nor the final result beyond the evaluation's batching (eval_loss is a mean of
+              per-batch means), so a rerun that changes only them resumes the same job from its checkpoint.
+              sampling_callbacks stay in: sampling at a temperature draws from the training RNG.
     unit      what a number counts (tokens, optimizer steps, ...), shown in env/example.env
     env_only  only from the environment (never from an OpenWeights config file)
     """
@@ -159,9 +165,12 @@ class Settings(BaseSettings):
     # --- what to train on -----------------------------------------------------------------------------
     model: str = Field(description="Base model: a local directory, or a hub id when the hub is reachable.",
                        json_schema_extra=TRAINS)
-    training_file: Path = Field(description="JSONL of conversations: one {\"messages\": [...]} per line.",
-                                json_schema_extra=facts("content"))
-    test_file: Path | None = Field(None, description="JSONL of conversations for the evaluation loss.",
+    training_file: Path = Field(
+        description="JSONL (or a .json array) of conversations: OpenAI/OpenWeights messages, ShareGPT, "
+        "prompt/completion or Alpaca rows (README.md, \"Your data\").",
+        json_schema_extra=facts("content"),
+    )
+    test_file: Path | None = Field(None, description="Conversations for the evaluation loss (formats as training_file).",
                                    json_schema_extra=facts("content"))
     chat_template: str = Field(
         "default",
@@ -228,25 +237,25 @@ class Settings(BaseSettings):
 
     # --- logging, checkpoints, evaluation --------------------------------------------------------------
     logging_steps: int = Field(1, gt=0, description="Optimizer steps between metrics.jsonl lines.",
-                               json_schema_extra=facts(True, unit="optimizer steps"))
+                               json_schema_extra=facts(False, unit="optimizer steps"))
     save_steps: int = Field(5000, gt=0, description="Optimizer steps between checkpoints (also on SIGTERM).",
-                            json_schema_extra=facts(True, unit="optimizer steps"))
+                            json_schema_extra=facts(False, unit="optimizer steps"))
     eval_batch_size: int = Field(8, gt=0, description="Batch size of the evaluation on test_file.",
-                                 json_schema_extra=facts(True, unit="examples"))
+                                 json_schema_extra=facts(False, unit="examples"))
     test_file_eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "epoch", description="When to evaluate on test_file during training (also before and at the end).",
-        json_schema_extra=TRAINS,
+        json_schema_extra=facts(False),
     )
     test_file_eval_steps: int | float | None = Field(
         None,
         gt=0,
         description="Steps between evaluations when test_file_eval_strategy is 'steps' (below 1: a fraction of the "
         "run's steps; unset: logging_steps, as transformers does).",
-        json_schema_extra=facts(True, unit="optimizer steps"),
+        json_schema_extra=facts(False, unit="optimizer steps"),
     )
     eval_every_n_steps: int = Field(
         5000, gt=0, description="Steps between logp_callback_datasets evaluations.",
-        json_schema_extra=facts(True, unit="optimizer steps"),
+        json_schema_extra=facts(False, unit="optimizer steps"),
     )
     logp_callback_datasets: Annotated[dict[str, Path], NoDecode] = Field(
         default_factory=dict,
@@ -309,6 +318,12 @@ class Settings(BaseSettings):
         json_schema_extra=facts(False, env_only=True),
     )
     overwrite: bool = Field(False, description="Retrain a completed job (the only way to).", json_schema_extra=facts(False))
+    allow_cpu: bool = Field(
+        False,
+        description="Train on the CPU although no GPU is visible and the model has over 300M parameters (refused "
+        "otherwise: days of training, and usually a GPU that was not passed to the container).",
+        json_schema_extra=facts(False),
+    )
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto",
         description="Recompute activations in the backward pass: 'auto' only when the run does not fit the GPU "
@@ -443,8 +458,13 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json", exclude=set(fields_where("env_only", True)))
 
     def identity(self) -> dict[str, Any]:
-        """The settings that enter the job id (facts job_id=True), JSON-ready."""
-        return self.model_dump(mode="json", include=set(fields_where("job_id", True)))
+        """The settings that enter the job id (facts job_id=True), JSON-ready; logging_steps too when a sampling
+        callback samples at a temperature at every logging step (eval_steps "log"): it then draws from the
+        training RNG as often as the job logs."""
+        names = set(fields_where("job_id", True))
+        if any(callback.eval_steps == "log" and callback.temperature > 0 for callback in self.sampling_callbacks):
+            names.add("logging_steps")
+        return self.model_dump(mode="json", include=names)
 
 
 # The fields of openweights 0.14.0's TrainingConfig (openweights/jobs/unsloth/validate.py) that this job does

@@ -388,6 +388,7 @@ def build_trainer(session, stop: StopRequest) -> Training:
     """The job's trainer for a session: TRL's SFTTrainer on the session's rows, plan and job folder."""
     from transformers.trainer_callback import PrinterCallback
 
+    from app.cadence import cadence_callbacks
     from app.callbacks import research_callbacks
     from app.settings import set_library_variable
 
@@ -405,7 +406,8 @@ def build_trainer(session, stop: StopRequest) -> Training:
         callbacks=[ControlCallback(stop, progress, failure), CheckpointCallback(job, progress), metrics],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; MetricsCallback logs a readable line
-    for callback in research_callbacks(settings, prepared.tokenizer, job, backend, prepared.data.stop_ids):
+    for callback in [*research_callbacks(settings, prepared.tokenizer, job, backend, prepared.data.stop_ids),
+                     *cadence_callbacks()]:  # app/cadence.py: progress, cadence on resume, eval off the RNG (last)
         trainer.add_callback(callback)
     return Training(trainer, progress, metrics, failure)
 

@@ -3,8 +3,23 @@ mode with the KV cache for sampling."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def base_model_reference(name_or_path: str | None) -> str | None:
+    """How a saved adapter names its base model so that PEFT loads it from any folder: the hub id of a model
+    read from the HF cache (.../models--org--name/snapshots/<revision>: hub ids hold no '--'), the absolute
+    path of a local folder (the job is often given a relative one), anything else as it is."""
+    if not name_or_path:
+        return name_or_path
+    path = Path(name_or_path)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+    if path.is_dir():
+        return os.path.abspath(path)
+    return name_or_path
 
 
 class PeftBackend:
@@ -18,7 +33,15 @@ class PeftBackend:
         return model.unload()
 
     def save_adapter(self, model, tokenizer, out_dir: Path) -> None:
-        model.save_pretrained(out_dir)
+        configs = getattr(model, "peft_config", {}).values()
+        given = [(config, config.base_model_name_or_path) for config in configs]
+        for config, name in given:
+            config.base_model_name_or_path = base_model_reference(name)
+        try:
+            model.save_pretrained(out_dir)
+        finally:
+            for config, name in given:  # the live model keeps what it was loaded with
+                config.base_model_name_or_path = name
         tokenizer.save_pretrained(out_dir)
 
     @contextmanager
