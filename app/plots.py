@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 
 from app.jobdir import JobDir
+from app.safeio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def write_loss_plot(job: JobDir) -> bool:
         handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
-    tmp = job.plot.with_name(f".loss.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    os.replace(tmp, job.plot)
+    write_atomic(job.plot, image.getvalue())  # never through a link (app/safeio.py)
     return True
