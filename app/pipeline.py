@@ -29,7 +29,7 @@ from app.jobdir import JobDir, open_job, previous_completed
 from app.jobdir import job_id as make_job_id
 from app.launch import is_main, world_size
 from app.memory import build_skeleton, read_config, read_shape
-from app.model_source import check_target_modules, fetch_weights, resolve_model
+from app.model_source import check_target_modules, fetch_weights, model_fingerprint, resolve_model
 from app.plan import plan_batch, require_fit
 from app.result import Recorder
 from app.session import Outcome, Prepared, Session
@@ -56,7 +56,8 @@ def prepare(settings, record: Recorder) -> Prepared:
     _mark(record, "imports")
     files = read_data(settings)
     model_path = resolve_model(settings.model, settings.token())
-    record.job_id = job_id = make_job_id(settings.identity(), files.hashes, settings.job_id_suffix)
+    record.job_id = job_id = make_job_id(settings.identity(), {**files.hashes, "model": model_fingerprint(
+        settings.model, model_path)}, settings.job_id_suffix)  # new weights at the same path: another job
     config = read_config(model_path)
     skeleton = build_skeleton(config) if config else None
     check_target_modules(settings.model, settings.target_modules, skeleton)
