@@ -77,7 +77,8 @@ def _adaptable_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D
 
     nn = torch.nn
-    return (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)  # linear first, last
+    # The linear kinds first and last: check_target_modules lists those as the hint.
+    return (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
 
 
 # --- the base model's identity in the job id ----------------------------------------------------------------------

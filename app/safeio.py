@@ -14,7 +14,8 @@ The output volume is shared: anyone who can write there can plant a symbolic lin
     read_own(path, limit)       a file the job wrote, read without following a link
     remove(path)                a file or a link unlinked (the link, not its target), a real folder removed
                                 (shutil.rmtree never descends into a link)
-    check_tree(root)            every entry under root is a real folder or a regular file (UnsafePath names the others)
+    check_tree(root)            every entry under root is a real folder or a regular file with no other hard link
+                                (UnsafePath names the first that is not)
 
 Inputs (data, config and template files) may be anything a path names: a FIFO blocks a reader forever,
 /dev/zero never ends, a huge file exhausts memory. So they are opened with O_NONBLOCK, checked with fstat to be
@@ -166,10 +167,13 @@ def _open_regular(path: Path, flags: int) -> int:
         if err.errno == errno.ENXIO:  # a FIFO opened for writing without a reader
             raise _unsafe(Path(path), f"{path} is a FIFO (named pipe), where the job writes a file") from None
         raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise _unsafe(Path(path), f"{path} is {_kind(mode)}, where the job writes a file")
+        raise _unsafe(Path(path), f"{path} is {_kind(info.st_mode)}, where the job writes a file")
+    if info.st_nlink > 1:  # a hard link to a file elsewhere: appending would change that file
+        os.close(fd)
+        raise _unsafe(Path(path), f"{path} has {info.st_nlink - 1} other hard link(s)")
     return fd
 
 
@@ -230,12 +234,14 @@ def check_tree(root: Path) -> None:
     while stack:
         with os.scandir(stack.pop()) as entries:
             for entry in entries:
-                mode = entry.stat(follow_symlinks=False).st_mode
+                info = entry.stat(follow_symlinks=False)
+                mode, path = info.st_mode, Path(entry.path)
                 if stat.S_ISDIR(mode):
-                    stack.append(Path(entry.path))
+                    stack.append(path)
                 elif not stat.S_ISREG(mode):
-                    path = Path(entry.path)
                     raise _unsafe(path, _describe_link(path) if stat.S_ISLNK(mode) else f"{path} is {_kind(mode)}")
+                elif info.st_nlink > 1:  # the job writes no hard link: one planted would carry appends outside
+                    raise _unsafe(path, f"{path} has {info.st_nlink - 1} other hard link(s)")
 
 
 def is_real_dir(path: Path) -> bool:
@@ -264,8 +270,8 @@ class InputFile:
     def _count(self, data: bytes) -> bytes:
         self._read += len(data)
         if self._read > self.limit:  # the file grew past its limit while being read
-            raise InputError(f"{self.setting}={clip(self.path)}: grew past {_size(self.limit)} while being read; inputs are "
-                             f"limited to {_size(self.limit)}.")
+            raise InputError(f"{self.setting}={clip(self.path)}: grew past {_size(self.limit)} while being read; "
+                             f"inputs are limited to {_size(self.limit)}.")
         return data
 
     def read(self, size: int = READ_BLOCK) -> bytes:
@@ -308,11 +314,11 @@ def open_input(path: Path, setting: str, limit: int, max_line: int = 64 * 2**20)
         if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
         if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{setting}={clip(path)}: is {_kind(info.st_mode)}, not a regular file. Point {setting} at a "
-                             "file (a FIFO, a device or a socket cannot be read whole and safely).")
+            raise InputError(f"{setting}={clip(path)}: is {_kind(info.st_mode)}, not a regular file. Point {setting} "
+                             "at a file (a FIFO, a device or a socket cannot be read whole and safely).")
         if info.st_size > limit:
-            raise InputError(f"{setting}={clip(path)}: is {info.st_size / 2**20:,.0f} MiB, over the limit of {_size(limit)} "
-                             f"for {setting}. Use a smaller file (split it, or remove what is not needed).")
+            raise InputError(f"{setting}={clip(path)}: is {info.st_size / 2**20:,.0f} MiB, over the limit of "
+                             f"{_size(limit)} for {setting}. Use a smaller file (split it, or drop what is unused).")
         import fcntl
 
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)

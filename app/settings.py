@@ -112,8 +112,8 @@ def loads(text: str) -> Any:
         value = json.loads(text)
     except RecursionError:
         raise ValueError(f"JSON nested too deeply (over {MAX_JSON_DEPTH} levels)") from None
-    if json_depth(value) > MAX_JSON_DEPTH:
-        raise ValueError(f"JSON nested {json_depth(value)} levels deep, over the limit of {MAX_JSON_DEPTH}")
+    if (depth := json_depth(value)) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
     return value
 
 
@@ -206,7 +206,8 @@ def hub_repo_problem(repo_id: str) -> str | None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        return f"is not a valid hub repo id ({clip(str(err).split('. ')[0], 120)}): use org/name of letters, digits, '-', '_', '.'"
+        why = clip(str(err).split(". ")[0], 120)
+        return f"is not a valid hub repo id ({why}): use org/name of letters, digits, '-', '_', '.'"
     return None
 
 
@@ -687,7 +688,8 @@ def read_config_file(path: Path, index: int | None = None) -> tuple[dict[str, An
     except UnicodeDecodeError as err:
         return {}, [], [f"FT_CONFIG_FILE={shown_path}: not UTF-8 text ({err.reason} at byte {err.start})."]
     except json.JSONDecodeError as err:
-        return {}, [], [f"FT_CONFIG_FILE={shown_path}:{err.lineno + line - 1}: invalid JSON: {err.msg} (column {err.colno})."]
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}:{err.lineno + line - 1}: invalid JSON: {err.msg} "
+                        f"(column {err.colno})."]
     except OSError as err:
         return {}, [], [f"FT_CONFIG_FILE={shown_path}: cannot be read ({err.strerror})."]
     except ValueError as err:
@@ -708,7 +710,8 @@ def read_config_file(path: Path, index: int | None = None) -> tuple[dict[str, An
             values[key] = value
         else:
             problems.append(
-                f"FT_CONFIG_FILE={shown_path}: '{clip(key, 80)}' is neither a setting of this job nor an OpenWeights field."
+                f"FT_CONFIG_FILE={shown_path}: '{clip(key, 80)}' is neither a setting of this job nor an OpenWeights "
+                "field."
                 f"{_did_you_mean(key, sorted(known | openweights_only))}"
             )
     return values, sorted(ignored), problems
