@@ -118,6 +118,7 @@ def _report(command: str, record, stop, err: BaseException) -> int:
     message; the exit code. Robust: it runs after anything went wrong."""
     from app.result import redact
 
+    stop.ending = True  # a first SIGTERM now is recorded, not raised into the writing of the result
     status, error = _ending(record, stop, err)
     if isinstance(err, JobError) or error is not err and isinstance(error, Interrupted):
         log.error("%s", redact(error.message))

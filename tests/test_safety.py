@@ -639,6 +639,19 @@ def test_a_signal_that_a_library_turned_into_another_error_is_still_exit_75(tiny
     run_failing(monkeypatch, capfd, smoke_env(tiny_model, tmp_path / "out"), 75, "SIGTERM")
 
 
+def test_a_signal_while_the_failure_is_being_written_does_not_break_it():
+    from app.errors import Interrupted
+    from app.signals import StopRequest
+
+    stop = StopRequest()
+    with pytest.raises(Interrupted):
+        stop.handler(signal.SIGTERM, None)
+    stop = StopRequest()
+    stop.ending = True
+    stop.handler(signal.SIGTERM, None)  # recorded, not raised into the crash handler
+    assert stop.requested and stop.signal_name == "SIGTERM"
+
+
 def test_a_refused_twin_leaves_the_running_jobs_result_alone(tiny_model, tmp_path, monkeypatch, capfd):
     import fcntl
 
