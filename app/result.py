@@ -181,7 +181,7 @@ def write_result(result: dict[str, Any], output_dir: Path, job_root: Path | None
                 log.warning("%s holds a completed result: kept (this run's ending is in %s)", path,
                             Path(output_dir) / "result.json")
                 continue
-            write_atomic(path, data)
+            write_atomic(path, data, parent_may_be_link=path.parent == Path(output_dir))
         except OSError as err:  # the volume itself is the problem (read-only, full): say so, don't mask the cause
             log.error("cannot write %s: %s", path, err)
             continue

@@ -115,8 +115,8 @@ def make_temp_dir(folder: Path, name: str) -> Path:
     return path
 
 
-def _require_dir(folder: Path) -> None:
-    mode = os.lstat(folder).st_mode
+def _require_dir(folder: Path, follow: bool = False) -> None:
+    mode = os.stat(folder).st_mode if follow else os.lstat(folder).st_mode
     if stat.S_ISLNK(mode):
         raise _unsafe(Path(folder))
     if not stat.S_ISDIR(mode):
@@ -127,19 +127,20 @@ def _create_exclusive(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+def fsync_dir(path: Path, follow: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` under an unpredictable temporary name in the same (real) folder, fsync, rename over `path`:
-    whole or absent. A link at `path` is replaced by the file, never followed; the folder must exist."""
+def write_atomic(path: Path, data: bytes, parent_may_be_link: bool = False) -> None:
+    """Write `data` under an unpredictable temporary name in the same folder, fsync, rename over `path`: whole or
+    absent. A link at `path` is replaced by the file, never followed. The folder must exist and be no link, but
+    for FT_OUTPUT_DIR itself (`parent_may_be_link`: where the user mounts or links the volume is theirs to say)."""
     path = Path(path)
-    _require_dir(path.parent)
+    _require_dir(path.parent, follow=parent_may_be_link)
     tmp = temp_path(path.parent, path.name)
     fd = _create_exclusive(tmp)
     try:
@@ -154,7 +155,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    fsync_dir(path.parent, follow=parent_may_be_link)
 
 
 def _open_regular(path: Path, flags: int) -> int:

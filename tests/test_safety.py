@@ -195,6 +195,24 @@ def test_links_at_the_volume_top_are_replaced_never_followed(tiny_model, tmp_pat
     assert not (out / "result.json").is_symlink()
 
 
+def test_ft_output_dir_itself_may_be_a_link(tmp_path, tiny_model, monkeypatch, capfd):
+    """Where the volume is mounted or linked is the user's to say: FT_OUTPUT_DIR as a link works as a folder."""
+    from app.jobdir import open_job
+    from app.result import write_result
+
+    real = tmp_path / "volume"
+    real.mkdir()
+    (tmp_path / "output").symlink_to(real)
+    run_failing(monkeypatch, capfd, smoke_env(tiny_model, tmp_path / "output", r="0"), 2, "FT_R='0'")
+    assert (real / "result.json").is_file()
+    job, lock = open_job(tmp_path / "output", "ftjob-0123456789ab")
+    try:
+        assert write_result({"id": "ftjob-0123456789ab", "status": "completed"}, tmp_path / "output", job.root)
+    finally:
+        lock.close()
+    assert read_result(real / "ftjob-0123456789ab")["status"] == "completed"
+
+
 # --- the primitives ----------------------------------------------------------------------------------------------
 
 
