@@ -23,7 +23,7 @@ from app.safeio import is_real_dir, make_temp_dir, remove
 # "file write failed", its C++ stream's "iostream error"), measured on a full 1 MiB tmpfs with torch 2.13.
 _FULL = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122", "enospc", "edquot")
 _WRITE_FAILED = ("pytorchstreamwriter", "unexpected pos", "iostream error", "file write failed",
-                 "error while serializing")
+                 "error while serializing", "read-only file system", "input/output error")
 LOW_FREE_BYTES = 64 * 2**20  # below this, a failed write is taken as the volume being full
 
 
@@ -35,17 +35,20 @@ def _chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
-def volume_failure(err: BaseException, job: JobDir, output_dir: Path) -> str | None:
-    """Why `err` is the output volume's fault (a sentence), or None when it is not (a bug stays a bug)."""
+def volume_failure(err: BaseException, job: JobDir, output_dir: Path) -> tuple[str, str] | None:
+    """Why `err` is the output volume's fault and what to do (two sentences), or None when it is not (a bug stays a
+    bug)."""
+    resume = "rerun the same command to resume"
     if not is_real_dir(job.root):
         return (f"the job folder {job.root} disappeared during the run (removed, or FT_OUTPUT_DIR={output_dir} "
-                "unmounted); the job cannot write its checkpoints or model there. Keep the volume mounted and the "
-                "folder in place, and rerun the same command")
+                "unmounted): the job cannot write its checkpoints or model there",
+                f"keep the volume mounted and the folder in place, and {resume}")
     errors = list(_chain(err))
     text = " ".join(str(e).lower() for e in errors)
-    full = any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in errors) or any(
-        marker in text for marker in _FULL)
-    if not full and not any(marker in text for marker in _WRITE_FAILED):
+    codes = {getattr(e, "errno", None) for e in errors}
+    full = bool(codes & {errno.ENOSPC, errno.EDQUOT}) or any(marker in text for marker in _FULL)
+    failing = bool(codes & {errno.EROFS, errno.EIO}) or any(marker in text for marker in _WRITE_FAILED)
+    if not full and not failing:
         return None
     try:
         free = shutil.disk_usage(job.root).free
@@ -53,10 +56,14 @@ def volume_failure(err: BaseException, job: JobDir, output_dir: Path) -> str | N
         free = None
     where = next((e.filename for e in errors if getattr(e, "filename", None)), None) or "a file"
     free_text = f"{free / 2**20:,.0f} MiB free now" if free is not None else "free space unknown"
+    if errno.EROFS in codes or "read-only file system" in text:
+        return (f"FT_OUTPUT_DIR={output_dir} became read-only while writing {where}",
+                f"mount the volume writable and {resume}")
     if full or (free is not None and free < LOW_FREE_BYTES):
-        return f"FT_OUTPUT_DIR={output_dir} is full ({free_text}) while writing {where}"
-    return (f"writing {where} on FT_OUTPUT_DIR={output_dir} failed ({type(err).__name__}: "
-            f"{str(err)[:200]}; {free_text}): the volume is failing or full")
+        return (f"FT_OUTPUT_DIR={output_dir} is full ({free_text}) while writing {where}",
+                f"free space (or mount a larger volume) and {resume}")
+    return (f"writing {where} on FT_OUTPUT_DIR={output_dir} failed ({type(err).__name__}: {str(err)[:200]}; "
+            f"{free_text}): the volume is failing or full", f"check the volume and {resume}")
 
 
 @contextmanager
@@ -67,14 +74,13 @@ def disk_full_is_a_training_error(job: JobDir, output_dir: Path):
     except JobError:
         raise
     except Exception as err:
-        reason = volume_failure(err, job, output_dir)
-        if reason is None:
+        found = volume_failure(err, job, output_dir)
+        if found is None:
             raise
+        reason, remedy = found
         last = job.latest_checkpoint()
-        raise TrainingError(
-            f"{reason}. {'The last complete checkpoint is ' + last.name if last else 'No checkpoint was saved'}; "
-            "free space (or mount a larger volume) and rerun the same command to resume."
-        ) from None
+        kept = f"the last complete checkpoint is {last.name}" if last else "no checkpoint was saved"
+        raise TrainingError(f"{reason}; {kept}. {remedy[0].upper()}{remedy[1:]}.") from None
 
 
 def save_model(session, model) -> Path:

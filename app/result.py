@@ -214,6 +214,8 @@ class Recorder:
         the id, status and error alone: a result.json is always written."""
         try:
             return self._result(status, error)
+        except JobError:  # SIGTERM while a completed result is built: an interruption, not a bare result
+            raise
         except Exception as err:  # the crash handler must not crash: keep what matters
             log.error("result.json is written without its details (%s: %s)", type(err).__name__, str(err)[:200])
             error = error.as_dict() if hasattr(error, "as_dict") else error

@@ -780,6 +780,20 @@ def test_real_disk_full_errors_of_every_library_are_exit_4(tmp_path):
                     save()
 
 
+def test_a_volume_remounted_read_only_is_exit_4(tmp_path):
+    from app.artifacts import disk_full_is_a_training_error
+    from app.errors import TrainingError
+    from app.jobdir import JobDir
+
+    with small_volume(tmp_path / "vol", "2m") as volume:
+        job = JobDir(volume / "job")
+        job.root.mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(volume)], check=True)
+        with pytest.raises(TrainingError, match="became read-only"):
+            with disk_full_is_a_training_error(job, volume):
+                (job.root / "metrics.jsonl").write_text("x")
+
+
 def test_a_bug_inside_the_volume_guard_stays_a_bug(tmp_path):
     from app.artifacts import disk_full_is_a_training_error
     from app.jobdir import JobDir
