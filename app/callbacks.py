@@ -20,7 +20,6 @@ step) and then every N steps; here also at the last step, so the final model is 
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -29,14 +28,13 @@ from transformers import TrainerCallback
 
 from app.data import load_conversations
 from app.formatting import IGNORE, Formatter, encode_all
+from app.jobdir import append_jsonl
 
 log = logging.getLogger(__name__)
 
 
 def _append(path, records: list[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    append_jsonl(path, records)  # never through a link, no secret in it (app/jobdir.py)
 
 
 # Keys of metrics.jsonl lines that a logp dataset's name must not overwrite (its value stays under logp/<name>).

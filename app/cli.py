@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from app.errors import EXIT_OK, EXIT_UNEXPECTED, Interrupted, JobError
+from app.errors import EXIT_OK, Interrupted, JobError
 
 log = logging.getLogger("app")
 
@@ -107,25 +107,87 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+TERMINATION_LOG = Path("/dev/termination-log")
+TERMINATION_LOG_BYTES = 4096  # Kubernetes keeps this much of the termination message
+
+
 def _termination_log(message: str) -> None:
-    """Kubernetes shows /dev/termination-log as the container's termination message."""
-    path = Path("/dev/termination-log")
-    if path.exists():
+    """Kubernetes shows /dev/termination-log as the container's termination message: redacted, cut to its 4,096
+    bytes on a character boundary (JobError messages are bounded so that the reason fits: app/errors.py)."""
+    from app.result import redact
+
+    if TERMINATION_LOG.exists():
+        data = redact(message).encode("utf-8")[:TERMINATION_LOG_BYTES].decode("utf-8", "ignore")
         try:
-            path.write_text(message[:4000])
+            TERMINATION_LOG.write_text(data, encoding="utf-8")
         except OSError:
             pass
+
+
+class _RedactingStream:
+    """stdout/stderr for the command's life: what libraries print (warnings, an HTTP error's repr) is redacted like
+    the log."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        from app.result import redact
+
+        self._stream.write(redact(text))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _ending(record, stop, err: BaseException) -> tuple[str, JobError]:
+    """The status and error a failure is reported as. Once SIGTERM/SIGINT was received, any ending is an
+    interruption (exit 75: run again), whatever a library made of the signal on its way up (an `except Exception`
+    that wrapped it): never a permanent "invalid data" for Kubernetes' podFailurePolicy."""
+    from app.errors import EXIT_UNEXPECTED, JobError
+
+    if stop.requested and not isinstance(err, Interrupted):
+        cause = err.message if isinstance(err, JobError) else f"{type(err).__name__}: {err}"
+        return "interrupted", Interrupted(f"{stop.signal_name} received: stopped before completing ({cause[:500]}). "
+                                          "Run the same command again: it resumes from the newest complete checkpoint, "
+                                          "if there is one.")
+    if isinstance(err, JobError):
+        return ("interrupted" if isinstance(err, Interrupted) else "failed"), err
+    unexpected = JobError(f"{type(err).__name__}: {err}")
+    unexpected.kind, unexpected.exit_code = type(err).__name__, EXIT_UNEXPECTED
+    return "failed", unexpected
+
+
+def _report(command: str, record, stop, err: BaseException) -> int:
+    """Log the failure as one paragraph, write result.json (status failed or interrupted) and the termination
+    message; the exit code. Robust: it runs after anything went wrong."""
+    from app.result import redact
+
+    stop.ending = True  # a first SIGTERM now is recorded, not raised into the writing of the result
+    status, error = _ending(record, stop, err)
+    if isinstance(err, JobError) or error is not err and isinstance(error, Interrupted):
+        log.error("%s", redact(error.message))
+    else:  # a bug: keep the traceback (redacted by the log's formatter)
+        log.error("unexpected error", exc_info=err)
+    if command == "train":
+        path = record.write(record.result(status, error))
+        if path:
+            log.error("result.json (status: %s, exit %d): %s", status, error.exit_code, path)
+        _termination_log(f"{status} (exit {error.exit_code}): {error.message}")
+    return error.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Libraries (unsloth's banners) print to stdout; they are sent to stderr so that stdout
     carries only the command's own output (check's JSON, preview's rows)."""
-    stdout = sys.stdout
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stderr = _RedactingStream(stderr)  # no secret printed, whoever prints
     sys.stdout = sys.stderr
     try:
-        return _main(argv, stdout)
+        return _main(argv, _RedactingStream(stdout))
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 def _main(argv: list[str] | None, stdout) -> int:
@@ -133,7 +195,7 @@ def _main(argv: list[str] | None, stdout) -> int:
         args = _parser().parse_args(argv)
     command = args.command or "train"
     configure_logging()
-    from app.result import Recorder, redact
+    from app.result import Recorder
     from app.settings import load_settings
     from app.signals import StopRequest
 
@@ -160,22 +222,8 @@ def _main(argv: list[str] | None, stdout) -> int:
         if command == "preview":
             return _preview(record, args.n, args.json, stdout)
         return _train(record, stop)
-    except JobError as err:
-        log.error("%s", redact(err.message))
-        if command == "train":
-            status = "interrupted" if isinstance(err, Interrupted) else "failed"
-            path = record.write(record.result(status, err))
-            if path:
-                log.error("result.json (status: %s, exit %d): %s", status, err.exit_code, path)
-            _termination_log(f"{status} (exit {err.exit_code}): {redact(err.message)}")
-        return err.exit_code
-    except Exception as err:  # a bug: keep the traceback, still leave a result behind
-        log.exception("unexpected error")
-        if command == "train":
-            error = {"type": type(err).__name__, "message": str(err), "exit_code": EXIT_UNEXPECTED}
-            record.write(record.result("failed", error))
-            _termination_log(redact(f"failed (exit 1): {type(err).__name__}: {err}"))
-        return EXIT_UNEXPECTED
+    except Exception as err:  # JobError: its exit code and one paragraph; anything else is a bug (traceback, exit 1)
+        return _report(command, record, stop, err)
 
 
 def _ranks_wanted(settings) -> int:

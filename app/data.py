@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.errors import DataError
+from app.safeio import MAX_DATA_FILE_BYTES, open_input
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +327,8 @@ def load_conversations(path: Path, setting: str = "FT_TRAINING_FILE", require_as
     problem = _not_a_path_problem(path, setting) or _open_problem(path, setting)
     if problem:
         raise DataError(problem)
-    try:
-        handle = open(path, "rb")
+    try:  # a regular file of bounded size, read in bounded lines (app/safeio.py): never a FIFO or /dev/zero
+        handle = open_input(path, setting, MAX_DATA_FILE_BYTES, max_line=MAX_LINE_BYTES)
     except OSError as err:
         raise DataError(f"{setting}={path}: cannot be opened ({err.strerror}).") from None
     with handle:
@@ -456,7 +457,7 @@ def file_sha256(path: Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_input(path, str(path), MAX_DATA_FILE_BYTES) as handle:
         for block in iter(lambda: handle.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -14,12 +14,40 @@ EXIT_NO_GPU = 3  # preflight refused: not enough GPU
 EXIT_TRAINING = 4  # training failed: non-finite loss, nothing to train on
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT after a checkpoint; run again to resume
 
+# Kubernetes keeps 4,096 bytes of the termination message ("failed (exit 2): " + the message): a message is cut to
+# this many bytes, and a value it quotes to VALUE_CHARS characters, so that the reason always fits.
+MAX_MESSAGE_BYTES = 4000
+VALUE_CHARS = 200
+
+
+def clip(text: object, limit: int = VALUE_CHARS) -> str:
+    """A value as a message quotes it: whole when short, else its start and how long it is."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def shown(value: object, limit: int = VALUE_CHARS) -> str:
+    """repr(value) for a message, clipped (see clip)."""
+    return clip(repr(value), limit)
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """The message cut to `limit` bytes of UTF-8 (on a character boundary), saying so."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    note = f" ... [{len(data) - limit:,} more bytes cut]"
+    return data[: limit - len(note)].decode("utf-8", "ignore") + note
+
 
 class JobError(Exception):
     exit_code = EXIT_UNEXPECTED
     kind = "error"
 
     def __init__(self, message: str):
+        message = bounded(str(message))
         super().__init__(message)
         self.message = message
 

@@ -43,8 +43,10 @@ token (FT_TRAIN_ON_RESPONSES_ONLY=false) uses the same rows and the same check (
 history they repeat again; a template no rule can split is trained as its whole render). Templates with no
 system role (Gemma 2 raises on one) get it folded into the first user message, as Gemma 3's template does.
 
-Rendering prefix by prefix costs O(messages^2) characters per conversation; conversations of more than
-MAX_MESSAGES messages are refused (DataError naming file:line), and per-answer rows whose answer starts past
+Rendering prefix by prefix costs O(messages^2) characters per conversation: once per trained answer, the
+conversation up to it. Before anything is rendered, conversations of more than MAX_MESSAGES messages, or whose
+trained answers x characters exceed MAX_RENDERED_CHARS, are refused (DataError naming file:line; `check_size`),
+so the cost per conversation is bounded; per-answer rows whose answer starts past
 max_seq_length are counted and dropped without being tokenized. Character spans become token labels through
 the fast tokenizer's offsets: a token is trained when it ends inside a span. A token that merges prompt and
 answer text ("<think>\n" + "\n</think>") is split by tokenizing the pieces apart, as inference tokenizes the
@@ -62,7 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.data import Conversation
-from app.errors import DataError, SettingsError
+from app.errors import DataError, JobError, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,13 @@ IGNORE = -100  # label of a token that is not trained (PyTorch's cross-entropy i
 # as one row (ChatML) and ~7 s as one row per answer (Qwen3: rows past max_seq_length are not tokenized),
 # measured on this project's 2-core CI machine; 2,000 took 14 s before, 50,000 never finished.
 MAX_MESSAGES = 1000
+# Characters rendered for one conversation, counted before rendering: for each trained answer, twice the
+# conversation up to it (its context, and the render through it), each message counting its content plus
+# MARKUP_CHARS. Measured 2026-12-01 on the 2-core CI machine under load (ChatML): 2.6 ns per character of content
+# and 5.9 us per message (= 2,300 characters) per render; 1,000 short messages count 1.2*10**9 and took 3.2 s.
+# 3*10**9 is ~8 s; one 64 MiB line of 1,000 messages of 64 KB would count 3*10**10.
+MAX_RENDERED_CHARS = 3 * 10**9
+MARKUP_CHARS = 2300
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # The empty reasoning block as Qwen3's template renders it and R1-style models write it.
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -275,10 +284,7 @@ class Formatter:
 
     def rows(self, messages: list[dict], source: str) -> list[tuple[str, list[tuple[int, int]]]]:
         """The text of every row and its trained character spans (every character when training on all tokens)."""
-        if len(messages) > MAX_MESSAGES:
-            raise DataError(f"{source}: {len(messages)} messages in one conversation, over the limit of "
-                            f"{MAX_MESSAGES} (masks are derived by rendering it prefix by prefix, quadratic in its "
-                            "length). Split the conversation into shorter ones.")
+        check_size(messages, source)
         try:
             turns = self.turns(messages, source)
         except _Unsplittable as err:
@@ -325,10 +331,11 @@ class Formatter:
     def encode_rows(self, conversation: Conversation) -> list[Encoded]:
         """The rows of one conversation: one, or one per trained answer (see the module docstring)."""
         source = conversation.source
+        check_size(conversation.messages, source)  # before anything is rendered
         try:
             messages = self._fold_system(conversation.messages)
             rows = self.rows(messages, source)
-        except (SettingsError, DataError):
+        except JobError:  # SettingsError, DataError, and Interrupted: SIGTERM while tokenizing is exit 75, not bad data
             raise
         except Exception as err:  # a Jinja error raised by the template itself (raise_exception)
             raise DataError(
@@ -433,6 +440,26 @@ class Formatter:
         stats.tokens += len(example.input_ids)
         stats.trained_tokens += trained
         return example
+
+
+def check_size(messages: list[dict], source: str) -> None:
+    """Refuse a conversation whose prefix-by-prefix rendering would cost more than the bounds (see the module's
+    docstring), in time linear in its messages and before any rendering."""
+    if len(messages) > MAX_MESSAGES:
+        raise DataError(f"{source}: {len(messages):,} messages in one conversation, over the limit of "
+                        f"{MAX_MESSAGES} (masks are derived by rendering it prefix by prefix, quadratic in its "
+                        "length). Split the conversation into shorter ones.")
+    rendered = prefix = answers = 0
+    for message in messages:
+        if message.get("role") == "assistant" and message.get("weight", 1) != 0:
+            rendered += 2 * prefix  # its context, and the render through it
+            answers += 1
+        prefix += len(message.get("content") or "") + MARKUP_CHARS
+    if rendered > MAX_RENDERED_CHARS:
+        raise DataError(f"{source}: {answers:,} answers in a conversation of {len(messages):,} messages and "
+                        f"{prefix - MARKUP_CHARS * len(messages):,} characters: masks are derived by rendering it once "
+                        f"per answer (about {rendered:,} characters, over the limit of {MAX_RENDERED_CHARS:,}). Split "
+                        "the conversation into shorter ones.")
 
 
 def apply_inoculation(messages: list[dict], prompt: str | None, position: str) -> list[dict]:

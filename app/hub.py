@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from app.errors import TrainingError
+from app.errors import JobError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ def push(settings, folder: Path, api=None, sleep=time.sleep) -> str:
             api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"fine-tuned: {folder.parent.name}")
             log.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
             return repo_id
+        except JobError:  # SIGTERM while uploading (Interrupted): not a network error to retry
+            raise
         except Exception as err:  # network, 5xx, rate limits: all worth a retry
             if attempt == ATTEMPTS:
                 raise TrainingError(

@@ -5,6 +5,9 @@
         checkpoints/checkpoint-N/   complete checkpoints only (written under .staging/, then renamed)
         metrics.jsonl  loss.png  samples.jsonl  result.json
     FT_OUTPUT_DIR/result.json      a copy of the latest run's result (the only one for early failures)
+
+Every path here is created, replaced and deleted through app/safeio.py: never through a link. A job folder that
+is a link, or holds a link or a special file, is refused (exit 2) once its lock is held.
 """
 
 from __future__ import annotations
@@ -13,10 +16,23 @@ import hashlib
 import json
 import os
 import re
-import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from app.safeio import (
+    append,
+    check_tree,
+    fsync_dir,
+    is_real_dir,
+    make_dir,
+    open_lock,
+    read_own,
+    remove,
+    temp_path,
+    write_atomic,
+)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -67,19 +83,23 @@ class JobDir:
         return self.root / "loss.png"
 
     def previous_result(self) -> dict[str, Any] | None:
+        """The result.json of an earlier run of this job, read without following a link (None when absent)."""
+        data = read_own(self.result)
         try:
-            return json.loads(self.result.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            result = json.loads(data) if data is not None else None
+        except ValueError:  # half a file from another writer, or not the job's
             return None
+        return result if isinstance(result, dict) else None
 
     def complete_checkpoints(self) -> list[Path]:
-        """checkpoint-N folders in step order; anything half-written lives under .staging/ and is ignored."""
-        if not self.checkpoints.is_dir():
+        """checkpoint-N folders in step order; anything half-written lives under .staging/ and is ignored, and so
+        is anything that is not a real folder (a planted link is never read as a checkpoint)."""
+        if not is_real_dir(self.checkpoints):
             return []
         found = []
         for path in self.checkpoints.iterdir():
             match = CHECKPOINT_RE.match(path.name)
-            if match and path.is_dir() and (path / "trainer_state.json").is_file():
+            if match and is_real_dir(path) and (path / "trainer_state.json").is_file():
                 found.append((int(match.group(1)), path))
         return [path for _, path in sorted(found)]
 
@@ -88,62 +108,80 @@ class JobDir:
         return checkpoints[-1] if checkpoints else None
 
     def clear_staging(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        remove(self.staging)
+
+    def prepare_checkpoints(self) -> None:
+        """checkpoints/ and checkpoints/.staging/ (the Trainer's output_dir) as real folders, made by the job before
+        the Trainer writes into them (a link there is refused, never followed)."""
+        make_dir(self.checkpoints)
+        make_dir(self.staging)
+
+    def prepare_staging(self, name: str) -> Path:
+        """A real .staging/<name>/ for the Trainer to write a checkpoint into, made before it writes (every rank
+        may call this: an existing real folder is kept; a link planted there is refused)."""
+        self.prepare_checkpoints()
+        return make_dir(self.staging / name)
+
+    def retire(self, path: Path) -> None:
+        """Delete a published folder (an old checkpoint): renamed out of sight first, so that a kill while
+        deleting never leaves a half-deleted folder under its name."""
+        trash = temp_path(self.staging if is_real_dir(self.staging) else path.parent, path.name, "old")
+        os.replace(path, trash)
+        remove(trash)
 
     def clear_temporaries(self) -> None:
-        """Remove what a killed run left half-written: staged checkpoints and `.<name>.tmp-<pid>` files and
-        folders (the job's lock is held, so no other process is writing them)."""
+        """Remove what a killed run left half-written: staged checkpoints and `.<name>.tmp-*` files and folders,
+        `.<name>.old-*` folders (the job's lock is held, so no other process is writing them). Links are
+        removed as links, never followed."""
         self.clear_staging()
-        for path in self.root.glob(".*.tmp-*"):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        for path in self.root.glob(".*.old-*"):  # publish_dir's replaced folder, when killed before deleting it
-            shutil.rmtree(path, ignore_errors=True)
+        for pattern in (".*.tmp-*", ".*.old-*"):
+            for path in self.root.glob(pattern):
+                remove(path)
 
     def reset(self) -> None:
         """Forget a previous run (FT_OVERWRITE=true): its model, checkpoints and metrics."""
-        for path in (self.adapter, self.merged, self.checkpoints):
-            shutil.rmtree(path, ignore_errors=True)
-        for path in (self.metrics, self.plot, self.samples, self.result):
-            path.unlink(missing_ok=True)
+        for path in (self.adapter, self.merged, self.checkpoints, self.metrics, self.plot, self.samples, self.result):
+            remove(path)
 
 
 def fsync_tree(path: Path) -> None:
-    """Flush a written folder's files and the folder itself to disk before it is renamed into place."""
+    """Flush a written folder's files and the folder itself to disk before it is renamed into place (links are
+    not followed: the job writes none)."""
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
     """Rename a whole folder into place, replacing an older one: `final` names the old or the new folder, whole,
-    at every moment (an atomic exchange where the file system has one)."""
+    at every moment (an atomic exchange where the file system has one). Whatever else is at `final` (a link
+    planted there) is removed as itself, never followed."""
     fsync_tree(tmp)
-    if not final.exists():
+    try:
+        mode = os.lstat(final).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISDIR(mode):
+        remove(final)  # a link or a file: unlinked, its target untouched
+        mode = None
+    if mode is None:
         os.replace(tmp, final)
     elif _exchange(tmp, final):
-        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
-    else:  # no atomic exchange: for a moment only .<name>.old-<pid> holds the old folder
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        remove(tmp)  # now the old folder
+    else:  # no atomic exchange: for a moment only .<name>.old-* holds the old folder
+        old = temp_path(final.parent, final.name, "old")
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(final.parent)
+        remove(old)
+    fsync_dir(final.parent)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -158,33 +196,34 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def encode_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8")
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name in the same folder, fsync, rename: whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # the old file stays as it was; no temporary is left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write JSON under an unpredictable temporary name in the same folder, fsync, rename: whole or absent, never
+    through a link (app/safeio.py write_atomic)."""
+    write_atomic(Path(path), encode_json(obj))
+
+
+def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """Lines of metrics.jsonl / samples.jsonl: appended to a regular file, never through a link, no secret in them."""
+    from app.result import redact
+
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    append(Path(path), redact(text).encode("utf-8"))
 
 
 class JobLock:
     """An exclusive lock on a job's folder for the life of this process (released on close or exit)."""
 
-    def __init__(self, handle):
-        self._handle = handle
+    def __init__(self, fd: int):
+        self._fd = fd
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def check_writable(output_dir: Path) -> None:
@@ -193,9 +232,9 @@ def check_writable(output_dir: Path) -> None:
 
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        probe = temp_path(output_dir, "write-test")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        os.unlink(probe)
     except OSError as err:
         why = "it is a file, not a folder" if output_dir.is_file() else err.strerror
         raise SettingsError([f"FT_OUTPUT_DIR={output_dir}: not writable ({why}). Mount a writable volume "
@@ -204,24 +243,30 @@ def check_writable(output_dir: Path) -> None:
 
 def open_job(output_dir: Path, job_id: str, lock: bool = True) -> tuple[JobDir, JobLock | None]:
     """Create (or reopen) FT_OUTPUT_DIR/<job_id>/ and take its lock (`lock=False`: data-parallel ranks other than
-    0, whose rank 0 holds it). A job already running in another process is refused (SettingsError)."""
+    0, whose rank 0 holds it). A job already running in another process is refused (SettingsError), and so is a
+    job folder that is a link, or holds one (app/safeio.py: the job never writes through a link)."""
     import fcntl
 
     from app.errors import SettingsError
 
     check_writable(output_dir)
     job = JobDir(output_dir / job_id)
-    job.root.mkdir(parents=True, exist_ok=True)
+    make_dir(job.root)
     if not lock:
         return job, None
-    handle = open(job.root / ".lock", "w")
+    fd = open_lock(job.root / ".lock")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
+        os.close(fd)
         raise SettingsError([f"job {job_id} is already running in another process on {job.root} (same settings "
                              "and data). Wait for it, or change FT_JOB_ID_SUFFIX to train a separate copy."]) from None
-    return job, JobLock(handle)
+    try:
+        check_tree(job.root)  # under the lock: nothing the job would write through is a link
+    except BaseException:
+        os.close(fd)
+        raise
+    return job, JobLock(fd)
 
 
 def previous_completed(job: JobDir, overwrite: bool, job_id: str) -> dict[str, Any] | None:

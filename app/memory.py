@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from app.errors import JobError
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -115,6 +117,8 @@ def build_skeleton(config: dict[str, Any]):
         hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config)
+    except JobError:  # SIGTERM while building it (Interrupted) stops the job
+        raise
     except Exception as err:  # remote code, a multimodal class, an init that needs real tensors
         log.info("architecture not built from config.json (%s: %s): using its numbers", type(err).__name__, err)
         return None

@@ -29,7 +29,7 @@ from app.jobdir import JobDir, open_job, previous_completed
 from app.jobdir import job_id as make_job_id
 from app.launch import is_main, world_size
 from app.memory import build_skeleton, read_config, read_shape
-from app.model_source import check_target_modules, fetch_weights, prefetch_weights, resolve_model
+from app.model_source import check_target_modules, fetch_weights, model_fingerprint, prefetch_weights, resolve_model
 from app.plan import plan_batch, require_fit
 from app.result import Recorder
 from app.session import Outcome, Prepared, Session
@@ -54,9 +54,10 @@ def prepare(settings, record: Recorder, base: Any = None, writes: bool = True) -
     console.starting(settings, hardware, backend)
     files = read_data(settings)
     record.data = console.data_formats(files)
-    record.job_id = job_id = make_job_id(settings.identity(), files.hashes, settings.job_id_suffix)
-    console.announce(settings, job_id, files)
     model_path = resolve_model(settings.model, settings.token())
+    inputs = {**files.hashes, "model": model_fingerprint(settings.model, model_path)}  # new weights: another job
+    record.job_id = job_id = make_job_id(settings.identity(), inputs, settings.job_id_suffix)
+    console.announce(settings, job_id, files)
     prefetch_weights(model_path)  # the disk reads the weights while the libraries import
     config = read_config(model_path)
     check_before_tokenizing(settings, hardware, config, writes)

@@ -3,12 +3,13 @@ the same for every line of a sweep, in one picture."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 from pathlib import Path
 
 from app.jobdir import JobDir
+from app.safeio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,10 @@ def write_loss_plot(job: JobDir) -> bool:
         handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels, fontsize=8)
     fig.tight_layout()
-    tmp = job.plot.with_name(f".loss.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    os.replace(tmp, job.plot)
+    write_atomic(job.plot, image.getvalue())  # never through a link (app/safeio.py)
     return True
 
 
@@ -109,8 +110,8 @@ def write_sweep_plot(output_dir: Path, lines: list[tuple[str, str | None]], path
     ax.grid(alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=columns, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.19 * rows / (4.5 + 0.19 * rows) + 0.01, 1, 1))
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, image.getvalue(), parent_may_be_link=True)  # FT_OUTPUT_DIR/sweep.png, never through a link
     return True

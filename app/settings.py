@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from app.errors import SettingsError
+from app.errors import SettingsError, clip, shown
 
 ENV_PREFIX = "FT_"
 DEFAULT_OUTPUT_DIR = Path("/output")  # the volume's mount point in the image
@@ -77,7 +77,7 @@ Scheduler = Literal[
 class SamplingCallback(BaseModel):
     """OpenWeights' `SamplingCallbackModel`: sample the prompts of `dataset` every `eval_steps` steps."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dataset: str
     eval_steps: Literal["log"] | Annotated[int, Field(gt=0)] = 10
     batch_size: Annotated[int, Field(gt=0)] = 8
@@ -85,20 +85,57 @@ class SamplingCallback(BaseModel):
     temperature: Annotated[float, Field(ge=0)] = 0.0
     max_tokens: Annotated[int, Field(gt=0)] = 600
 
+    @field_validator("eval_steps", "batch_size", "max_tokens")
+    @classmethod
+    def _int_in_range(cls, value: Any) -> Any:
+        if isinstance(value, int) and value > MAX_INT:
+            raise ValueError(f"must be at most {MAX_INT:,}")
+        return value
+
+
+# Bounds of the values that settings hold and result.json repeats.
+MAX_JSON_DEPTH = 32  # nesting of FT_META and the other JSON settings
+MAX_META_BYTES = 64 * 2**10  # FT_META serialised: free-form notes, not data
+MAX_INT = 2**31 - 1  # every integer setting (counts of steps, tokens, examples): C ints in the libraries
+MAX_SEED = 2**32 - 1  # numpy's seed range (transformers' set_seed seeds numpy)
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (a value can be thousands of levels deep)."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth = max(depth, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return depth
+
+
+def loads(text: str) -> Any:
+    """json.loads for settings: a value nested deeper than MAX_JSON_DEPTH is a ValueError (pydantic reports it),
+    not a RecursionError from the decoder, nor a value that breaks serialisation later."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply (over {MAX_JSON_DEPTH} levels)") from None
+    if (depth := json_depth(value)) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
+    return value
+
 
 def _json_or_csv(value: Any) -> Any:
     """Lists from the environment: a JSON list, or comma-separated names."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            return json.loads(text)
+            return loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
 
 
 def _json(value: Any) -> Any:
     if isinstance(value, str):
-        return json.loads(value) if value.strip() else None
+        return loads(value) if value.strip() else None
     return value
 
 
@@ -133,19 +170,51 @@ def openweights_learning_rate(value: Any) -> Any:
                 raise ValueError("not a finite real number")
         except (SyntaxError, ValueError, ArithmeticError, TypeError) as err:
             why = "out of range" if isinstance(err, OverflowError) else err.msg if isinstance(err, SyntaxError) else err
-            raise ValueError(f"{value!r} is not a number or an arithmetic expression of numbers ({why}); write e.g. "
-                             "1e-4, 2*1e-5, or -4 for 10**-4") from None
+            raise ValueError(f"{shown(value)} is not a number or an arithmetic expression of numbers ({why}); write "
+                             "e.g. 1e-4, 2*1e-5, or -4 for 10**-4") from None
     elif isinstance(value, (int, float)):
-        rate = float(value)
+        try:
+            rate = float(value)
+        except OverflowError:
+            raise ValueError(f"{shown(value)} is out of range; write e.g. 1e-4") from None
+        if not math.isfinite(rate):
+            raise ValueError(f"{value!r} is not a finite number; write e.g. 1e-4")
     else:
         return value  # pydantic reports the type
     if rate <= -1:
         return 10**rate
     if rate < 0:
-        raise ValueError(f"{value!r}: a rate must be greater than 0, and OpenWeights reads a negative value as a "
+        raise ValueError(f"{shown(value)}: a rate must be greater than 0, and OpenWeights reads a negative value as a "
                          f"base-10 exponent: 10**{rate:g} = {10**rate:.4g}. Write {-rate:g} for that rate, or e.g. -4 "
                          "for 10**-4")
     return rate
+
+
+def path_problem(path: Any) -> str | None:
+    """Why a path cannot name a file on Linux (PATH_MAX 4096 bytes, NAME_MAX 255 per component), or None."""
+    data = os.fsencode(str(path))
+    if len(data) >= 4096:
+        return f"the path is {len(data):,} bytes long, over the 4,095 a path can have"
+    longest = max(data.split(b"/"), key=len)
+    if len(longest) > 255:
+        return f"a name in the path is {len(longest):,} bytes long, over the 255 a file name can have"
+    return None
+
+
+def hub_repo_problem(repo_id: str) -> str | None:
+    """Why `repo_id` cannot be pushed to (huggingface_hub's own rule, org/name), or None: found at settings time,
+    not after the whole run trained."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") != 1:
+        return "must be org/name to push"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        why = clip(str(err).split(". ")[0], 120)
+        return f"is not a valid hub repo id ({why}): use org/name of letters, digits, '-', '_', '.'"
+    return None
 
 
 class Settings(BaseSettings):
@@ -160,6 +229,7 @@ class Settings(BaseSettings):
         env_ignore_empty=True,  # FT_MAX_STEPS= (empty) means "unset", as in a compose file
         validate_default=True,
         protected_namespaces=(),
+        allow_inf_nan=False,  # inf/nan pass every bound (inf >= 0) and break training later: never a setting
     )
 
     # --- what to train on -----------------------------------------------------------------------------
@@ -357,6 +427,67 @@ class Settings(BaseSettings):
     def _parse_learning_rate(cls, value: Any) -> Any:
         return openweights_learning_rate(value)
 
+    @field_validator("hf_token", mode="before")
+    @classmethod
+    def _strip_token(cls, value: Any) -> Any:
+        """A Kubernetes secret made from a file ends in a newline: an HTTP library refuses (and quotes) such a
+        header. The token is used stripped; every form of it is redacted (app/result.py)."""
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _blank_output_is_unset(cls, value: Any) -> Any:
+        """FT_OUTPUT_DIR of blanks is unset (the default), as an empty one is: never the working directory."""
+        if isinstance(value, str) and not value.strip():
+            return DEFAULT_OUTPUT_DIR
+        return value
+
+    @field_validator("per_device_train_batch_size")
+    @classmethod
+    def _batch_positive(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (or 'auto')")
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _ints_in_range(cls, value: Any, info) -> Any:
+        """Integers the libraries can hold: a step count or seed past them passes every bound here and ends in a
+        traceback there (numpy refuses seeds >= 2**32)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            limit = MAX_SEED if info.field_name == "seed" else MAX_INT
+            if abs(value) > limit:
+                raise ValueError(f"must be at most {limit:,}")
+        return value
+
+    @field_validator("training_file", "test_file", "output_dir", "config_file", "logp_callback_datasets")
+    @classmethod
+    def _paths_fit(cls, value: Any) -> Any:
+        """A path the file system cannot hold (a pasted blob) fails every stat() with ENAMETOOLONG: refused here."""
+        for path in value.values() if isinstance(value, dict) else [value]:
+            if path is not None and (problem := path_problem(path)):
+                raise ValueError(problem)
+        return value
+
+    @field_validator("meta")
+    @classmethod
+    def _meta_bounded(cls, value: Any) -> Any:
+        """FT_META is copied into result.json (and the job id): a few KB of notes, not nested without end."""
+        if value is None:
+            return value
+        depth = json_depth(value)
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested {depth} levels deep, over the limit of {MAX_JSON_DEPTH}")
+        try:
+            size = len(json.dumps(value))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"not JSON-serialisable ({err})") from None
+        if size > MAX_META_BYTES:
+            raise ValueError(f"{size:,} bytes of JSON, over the limit of {MAX_META_BYTES:,}: keep data out of FT_META")
+        return value
+
     @field_validator("max_steps", "test_file_eval_steps", mode="before")
     @classmethod
     def _zero_is_unset(cls, value: Any) -> Any:
@@ -385,10 +516,22 @@ class Settings(BaseSettings):
     @classmethod
     def _read_template_file(cls, value: str) -> str:
         if value.endswith((".jinja", ".j2")) and "{" not in value:
+            from app.safeio import MAX_TEMPLATE_BYTES, InputError, read_input
+
             path = Path(value)
-            if not path.is_file():
-                raise ValueError(f"chat template file {value} does not exist")
-            return path.read_text(encoding="utf-8")
+            if path_problem(path):
+                raise ValueError(f"chat template file {clip(value)}: {path_problem(path)}")
+            if not path.exists():
+                raise ValueError(f"chat template file {clip(value)} does not exist")
+            try:
+                return read_input(path, "FT_CHAT_TEMPLATE", MAX_TEMPLATE_BYTES).decode("utf-8")
+            except InputError as err:
+                raise ValueError(err.message.split(": ", 1)[-1]) from None
+            except UnicodeDecodeError as err:
+                raise ValueError(f"chat template file {clip(value)} is not UTF-8 text ({err.reason} at byte "
+                                 f"{err.start})") from None
+            except OSError as err:
+                raise ValueError(f"chat template file {clip(value)} cannot be read ({err.strerror})") from None
         return value
 
     @field_validator("output_dir")
@@ -424,8 +567,10 @@ class Settings(BaseSettings):
                             "fraction of the run's steps)")
         if self.push_to_hub and not self.finetuned_model_id:
             problems.append("push_to_hub=true needs finetuned_model_id (org/name)")
-        if self.push_to_hub and self.finetuned_model_id and self.finetuned_model_id.count("/") != 1:
-            problems.append(f"finetuned_model_id={self.finetuned_model_id!r} must be org/name to push")
+        if self.push_to_hub and self.finetuned_model_id:
+            problem = hub_repo_problem(self.finetuned_model_id)
+            if problem:
+                problems.append(f"finetuned_model_id={shown(self.finetuned_model_id)} {problem}")
         if self.inoculation_prompt is not None and not self.inoculation_prompt.strip():
             problems.append("inoculation_prompt is empty: unset it or give the instruction")
         if problems:
@@ -445,8 +590,9 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     def token(self) -> str | None:
-        """The hub token's value, for the libraries that take it (never logged: app/result.py redacts it)."""
-        return self.hf_token.get_secret_value() if self.hf_token else None
+        """The hub token's value, stripped, for the libraries that take it (never logged: app/result.py redacts
+        every form of it)."""
+        return self.hf_token.get_secret_value().strip() or None if self.hf_token else None
 
     @property
     def optimizer(self) -> str:
@@ -533,8 +679,12 @@ def _undecodable_env_problems(environ: dict[str, str]) -> list[str]:
 
 
 def _config_text(path: Path, index: int | None) -> tuple[str, int]:
-    """The JSON text of a config file: the whole file, or line `index` of a .jsonl sweep file."""
-    text = Path(path).read_text(encoding="utf-8-sig")
+    """The JSON text of a config file: the whole file, or line `index` of a .jsonl sweep file. The file must be a
+    regular file of bounded size (a FIFO or /dev/zero is refused at once: app/safeio.py)."""
+    from app.safeio import MAX_CONFIG_BYTES, MAX_SWEEP_BYTES, read_input
+
+    limit = MAX_SWEEP_BYTES if Path(path).suffix == ".jsonl" else MAX_CONFIG_BYTES
+    text = read_input(Path(path), "FT_CONFIG_FILE", limit).decode("utf-8-sig")
     if Path(path).suffix != ".jsonl":
         return text, 1
     lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
@@ -548,28 +698,36 @@ def _config_text(path: Path, index: int | None) -> tuple[str, int]:
 
 def read_config_file(path: Path, index: int | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
     """An OpenWeights validated_params JSON: (values to use, OpenWeights fields ignored, problems)."""
+    from app.safeio import InputError
+
     line = 1
+    shown_path = clip(path)
     try:
         text, line = _config_text(path, index)
-        raw = json.loads(text)
+        raw = loads(text)
+    except InputError as err:
+        return {}, [], [err.message]
     except FileNotFoundError:
-        return {}, [], [f"FT_CONFIG_FILE={path}: no such file."]
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}: no such file."]
     except IsADirectoryError:
-        return {}, [], [f"FT_CONFIG_FILE={path}: is a directory, expected a JSON file."]
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}: is a directory, expected a JSON file."]
     except PermissionError:
-        return {}, [], [f"FT_CONFIG_FILE={path}: not readable (permission denied)."]
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}: not readable (permission denied)."]
     except UnicodeDecodeError as err:
-        return {}, [], [f"FT_CONFIG_FILE={path}: not UTF-8 text ({err.reason} at byte {err.start})."]
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}: not UTF-8 text ({err.reason} at byte {err.start})."]
     except json.JSONDecodeError as err:
-        return {}, [], [f"FT_CONFIG_FILE={path}:{err.lineno + line - 1}: invalid JSON: {err.msg} (column {err.colno})."]
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}:{err.lineno + line - 1}: invalid JSON: {err.msg} "
+                        f"(column {err.colno})."]
+    except OSError as err:
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}: cannot be read ({err.strerror})."]
     except ValueError as err:
-        return {}, [], [f"FT_CONFIG_FILE={path}: {err}."]
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}: {err}."]
     if isinstance(raw, dict) and isinstance(raw.get("validated_params"), dict):
         raw = raw["validated_params"]  # a whole OpenWeights job object
     if isinstance(raw, dict) and isinstance(raw.get("params"), dict):
         raw = raw["params"].get("validated_params", raw["params"])
     if not isinstance(raw, dict):
-        return {}, [], [f"FT_CONFIG_FILE={path}: expected a JSON object of settings, got {type(raw).__name__}."]
+        return {}, [], [f"FT_CONFIG_FILE={shown_path}: expected a JSON object of settings, got {type(raw).__name__}."]
     values, ignored, problems = {}, [], []
     known = set(field_names()) - set(fields_where("env_only", True))
     openweights_only = OPENWEIGHTS_ONLY_FIELDS | OPENWEIGHTS_CREATE_ARGS
@@ -580,7 +738,8 @@ def read_config_file(path: Path, index: int | None = None) -> tuple[dict[str, An
             values[key] = value
         else:
             problems.append(
-                f"FT_CONFIG_FILE={path}: '{key}' is neither a setting of this job nor an OpenWeights field."
+                f"FT_CONFIG_FILE={shown_path}: '{clip(key, 80)}' is neither a setting of this job nor an OpenWeights "
+                "field."
                 f"{_did_you_mean(key, sorted(known | openweights_only))}"
             )
     return values, sorted(ignored), problems
@@ -591,10 +750,12 @@ def _describe_error(error: dict[str, Any], environ: dict[str, str], config_path:
     name = str(loc[0]) if loc else ""
     if name in Settings.model_fields:
         env_name = "HF_TOKEN" if name == "hf_token" else ENV_PREFIX + name.upper()
-        if env_name in environ:
-            where = f"{env_name}={environ[env_name]!r}"
+        if env_name == "HF_TOKEN" or name == "hf_token":
+            where = env_name  # a secret: never quoted
+        elif env_name in environ:
+            where = f"{env_name}={shown(environ[env_name])}"
         elif config_path is not None:
-            where = f"{name} in FT_CONFIG_FILE={config_path} (or set {env_name})"
+            where = f"{name} in FT_CONFIG_FILE={clip(config_path)} (or set {env_name})"
         else:
             where = env_name
         detail = ".".join(str(part) for part in loc[1:])

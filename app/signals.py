@@ -21,6 +21,7 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None
         self.in_training = False
+        self.ending = False  # the job is writing its failure: a signal then is recorded, never raised into that
         self.on_second_signal = None  # called before exiting on a second signal (writes result.json)
 
     @property
@@ -38,6 +39,9 @@ class StopRequest:
                     os._exit(EXIT_INTERRUPTED)
             os._exit(EXIT_INTERRUPTED)
         self.signal_name = name
+        if self.ending:
+            log.warning("%s received while the job is ending: finishing its result.json", name)
+            return
         if not self.in_training:  # outside the training loop there is nothing to checkpoint: stop where we are
             raise Interrupted(f"{name} received outside the training loop (while preparing, loading or saving): "
                               "stopped at once. Run the same command again: it resumes from the newest complete "

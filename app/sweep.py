@@ -313,10 +313,11 @@ class Summary:
                 "exit_code": self.exit_code(), "differs": self.keys, "lines": rows}
 
     def write(self) -> None:
-        from app.jobdir import write_json_atomic
+        from app.jobdir import encode_json
+        from app.safeio import write_atomic
 
-        try:
-            write_json_atomic(self.output_dir / "sweep.json", self.as_dict())
+        try:  # in FT_OUTPUT_DIR itself (a link the user made is theirs), never through a link planted in it
+            write_atomic(self.output_dir / "sweep.json", encode_json(self.as_dict()), parent_may_be_link=True)
         except OSError as err:  # the lines' own results are what matters: say so, go on
             log.error("cannot write %s: %s", self.output_dir / "sweep.json", err)
 
@@ -337,11 +338,12 @@ class Summary:
     def finish(self) -> str:
         """sweep.json, sweep.md and sweep.png; the table."""
         from app.plots import write_sweep_plot
+        from app.safeio import write_atomic
 
         self.write()
         table = self.table()
         try:
-            (self.output_dir / "sweep.md").write_text(table, encoding="utf-8")
+            write_atomic(self.output_dir / "sweep.md", table.encode(), parent_may_be_link=True)
             write_sweep_plot(self.output_dir, [(r["label"], r["job_id"]) for r in self.rows()],
                              self.output_dir / "sweep.png", title=f"{self.path.name}, {len(self.lines)} lines")
         except OSError as err:

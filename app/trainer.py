@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,9 @@ from transformers.trainer_utils import TrainOutput
 from trl import SFTConfig, SFTTrainer
 
 from app import PROCESS_START
-from app.jobdir import JobDir, publish_dir, write_json_atomic
+from app.jobdir import JobDir, append_jsonl, publish_dir, write_json_atomic
 from app.launch import is_main, world_size
+from app.safeio import check_tree, write_atomic
 from app.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,13 @@ class CheckpointCallback(TrainerCallback):
     def __init__(self, job: JobDir, progress: Progress):
         self.job, self.progress = job, progress
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # Runs after ControlCallback: the final decision. The job makes the folder the Trainer writes into (a
+        # link planted at a predictable checkpoint-N is refused, never written through).
+        if control.should_save:
+            self.job.prepare_staging(f"checkpoint-{state.global_step}")
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         name = f"checkpoint-{state.global_step}"
         totals = {"loss_sum": self.progress.loss_sum(), "train_tokens": self.progress.train_tokens()}
@@ -188,13 +195,10 @@ class CheckpointCallback(TrainerCallback):
         if not args.should_save:
             return control
         write_json_atomic(self.job.staging / name / TOTALS_FILE, totals)
+        check_tree(self.job.staging / name)  # what the Trainer wrote holds no link before it is published
         publish_dir(self.job.staging / name, self.job.checkpoints / name)
         for old in self.job.complete_checkpoints()[:-KEEP_CHECKPOINTS]:
-            # Moved out of checkpoints/ first: a kill while deleting leaves no half-deleted "complete" checkpoint.
-            trash = self.job.staging / f".old-{old.name}"
-            shutil.rmtree(trash, ignore_errors=True)
-            old.replace(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            self.job.retire(old)  # moved out of checkpoints/ first: never a half-deleted "complete" checkpoint
         return control
 
 
@@ -213,9 +217,7 @@ class MetricsCallback(TrainerCallback):
     def _write(self, record: dict[str, Any]) -> None:
         if not is_main():  # one metrics.jsonl per job: rank 0's
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+        append_jsonl(self.path, [record])
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.first_step_s is None:
@@ -399,6 +401,8 @@ def build_trainer(session, stop: StopRequest) -> Training:
     config = sft_config(settings, prepared.plan, prepared.hardware, job, backend.trainer_args(prepared.plan),
                         has_eval=prepared.data.eval is not None)
     progress, failure = Progress(), Failure()
+    if is_main():
+        job.prepare_checkpoints()  # real folders, made before the Trainer makes its output_dir (.staging)
     metrics = MetricsCallback(job.metrics, progress)
     trainer = JobTrainer(
         model=session.model, args=config, train_dataset=prepared.data.train, eval_dataset=prepared.data.eval,
@@ -414,8 +418,6 @@ def build_trainer(session, stop: StopRequest) -> Training:
 
 def _truncate_metrics(path: Path, step: int) -> int:
     """Drop metrics logged after the checkpoint we resume from; return the train tokens at that step."""
-    import os
-
     if not path.exists():
         return 0
     kept, tokens = [], 0
@@ -427,9 +429,7 @@ def _truncate_metrics(path: Path, step: int) -> int:
         if record.get("step", 0) <= step:
             kept.append(line)
             tokens = record.get("train_tokens", tokens)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept).encode("utf-8"))
     return tokens
 
 

@@ -94,6 +94,25 @@ def _readonly_volume(ctx: Ctx) -> dict:
     pytest.skip("/sys accepts new folders here: no read-only volume to test against")
 
 
+def _token_in_model(ctx: Ctx) -> dict:
+    """The token pasted into FT_MODEL (with the newline a secret made from a file carries): masked everywhere."""
+    token = "hf_PastedIntoTheWrongSetting0123456789"
+    ctx.monkeypatch.setenv("HF_TOKEN", token + "\n")
+    return {"model": token}
+
+
+def _fifo(ctx: Ctx, name: str) -> Path:
+    path = ctx.tmp / name
+    os.mkfifo(path)
+    return path
+
+
+def _folder(ctx: Ctx, name: str) -> Path:
+    path = ctx.tmp / name
+    path.mkdir()
+    return path
+
+
 def _config(content: str, name: str = "config.json", **extra) -> Callable[[Ctx], dict]:
     return lambda ctx: {"config_file": ctx.file(name, content), **extra}
 
@@ -199,6 +218,26 @@ CASES = [
     Case("config-index-out-of-range", _config('{"r": 8}\n{"r": 16}\n', name="sweep.jsonl", config_index=5), 2,
          ("FT_CONFIG_FILE={sweep}", "index 5 is out of range")),
     Case("config-file-missing", lambda ctx: {"config_file": ctx.tmp / "nope.json"}, 2, ("FT_CONFIG_FILE=", "no such file")),
+    # --- issue 14: inputs that are not regular files, values that pass validation and break later -------------
+    Case("logp-dataset-fifo",
+         lambda ctx: {"logp_callback_datasets": json.dumps({"probe": str(_fifo(ctx, "probe.jsonl"))})}, 2,
+         ("FT_LOGP_CALLBACK_DATASETS[probe]", "FIFO")),
+    Case("training-file-dev-null", lambda ctx: {"training_file": "/dev/null"}, 2,
+         ("FT_TRAINING_FILE=/dev/null", "character device")),
+    Case("chat-template-jinja-folder", lambda ctx: {"chat_template": _folder(ctx, "templates.jinja")}, 2,
+         ("FT_CHAT_TEMPLATE=",)),
+    Case("config-infinity-learning-rate", _config('{"learning_rate": Infinity}', learning_rate=None), 2,
+         ("learning_rate in FT_CONFIG_FILE={config}", "finite")),
+    Case("config-nested-deeply", _config("[" * 100_000 + "]" * 100_000), 2, ("FT_CONFIG_FILE={config}", "nested")),
+    Case("epochs-huge", lambda ctx: {"epochs": str(10**40)}, 2, ("FT_EPOCHS=",)),
+    Case("warmup-steps-huge", lambda ctx: {"warmup_steps": str(2**63)}, 2, ("FT_WARMUP_STEPS=", "at most")),
+    Case("gradient-accumulation-zero", lambda ctx: {"gradient_accumulation_steps": "0"}, 2,
+         ("FT_GRADIENT_ACCUMULATION_STEPS='0'",)),
+    Case("batch-size-auto-negative", lambda ctx: {"per_device_train_batch_size": "-1"}, 2,
+         ("FT_PER_DEVICE_TRAIN_BATCH_SIZE='-1'", "at least 1")),
+    Case("target-module-self-attn", lambda ctx: {"target_modules": "self_attn"}, 2,
+         ("FT_TARGET_MODULES=self_attn", "Qwen2Attention", "q_proj")),
+    Case("hub-token-in-model-setting", _token_in_model, 2, ("FT_MODEL=<HF_TOKEN>: no such directory",)),
     # --- the output volume -------------------------------------------------------------------------------------
     Case("output-dir-is-a-file", lambda ctx: {"output_dir": ctx.file("out", "not a folder")}, 2,
          ("FT_OUTPUT_DIR={out}", "not writable (it is a file, not a folder)"), message_in_stderr=True),

@@ -49,30 +49,90 @@ if os.environ.get("BLOCK_SAVE_MATCH"):
 '''
 
 
-class Job:
-    """`python -m app train` in a child process with exactly these FT_* settings; its output in a log file."""
+def _calibration() -> float:
+    """How much slower this machine is now than an idle CI core (>= 1): a fixed CPU-bound loop, timed once.
+    Waits are scaled by it, so that two CPU hogs beside `make test` do not turn a slow resume into a failure."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(2_000_000):
+        total += i * i
+    return max(1.0, (time.perf_counter() - started) / REFERENCE_LOOP_S)
 
-    def __init__(self, env: dict[str, str], log: Path, extra_env: dict[str, str] | None = None):
+
+REFERENCE_LOOP_S = 0.15  # the loop above on an idle core of the 2-core CI machine (2026-12-01)
+# Seconds without any progress (the child's log growing, a step logged) before a wait fails: the longest silent
+# phase is the start (imports, the tiny model) at ~15 s on an idle CI machine. Scaled by _calibration().
+STALL_S = 120
+SLOWDOWN = None
+
+
+def _stall_s() -> float:
+    global SLOWDOWN
+    if SLOWDOWN is None:
+        SLOWDOWN = _calibration()
+    return STALL_S * SLOWDOWN
+
+
+class Job:
+    """`python -m app train` in a child process with exactly these FT_* settings; its output in a log file.
+
+    Waits poll on progress: they fail only when the child makes none (its log does not grow, no step is logged)
+    for _stall_s() seconds, however long the whole run takes on a loaded machine. A wait that fails kills the
+    child, and so does the test's teardown (`_no_child_survives`)."""
+
+    running: list[Job] = []
+
+    def __init__(self, env: dict[str, str], log: Path, extra_env: dict[str, str] | None = None,
+                 argv: list[str] | None = None):
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
         child_env.update(env, **(extra_env or {}))
         self.log = log
         self.handle = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app", "train"], cwd=ROOT, env=child_env,
+        self.proc = subprocess.Popen(argv or [sys.executable, "-m", "app", "train"], cwd=ROOT, env=child_env,
                                      stdout=self.handle, stderr=subprocess.STDOUT)
-        self.output_dir = Path(env["FT_OUTPUT_DIR"])
+        self.output_dir = Path(env.get("FT_OUTPUT_DIR", log.parent))
+        Job.running.append(self)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, condition, what: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
+    def _progress(self) -> tuple:
+        try:
+            size = self.log.stat().st_size
+        except OSError:
+            size = 0
+        return size, len(self.logged_steps())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.handle.close()
+
+    def _poll_until(self, done, what: str, stall: float | None) -> None:
+        stall = stall if stall is not None else _stall_s()
+        last, since = self._progress(), time.monotonic()
+        try:
+            while not done():
+                time.sleep(0.01)
+                progress = self._progress()
+                if progress != last:
+                    last, since = progress, time.monotonic()
+                elif time.monotonic() - since > stall:
+                    raise AssertionError(f"no progress for {stall:.0f} s waiting for {what}:\n{self.text()[-3000:]}")
+        except BaseException:
+            self.kill()  # never left running behind a failed wait
+            raise
+
+    def wait_for(self, condition, what: str, stall: float | None = None) -> None:
+        def done() -> bool:
+            if condition():
+                return True
             if self.proc.poll() is not None:
                 raise AssertionError(f"the job ended (exit {self.proc.returncode}) before {what}:\n{self.text()[-3000:]}")
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"timed out waiting for {what}:\n{self.text()[-3000:]}")
-            time.sleep(0.01)
+            return False
+
+        self._poll_until(done, what, stall)
 
     def logged_steps(self) -> list[int]:
         metrics = list(self.output_dir.glob("ftjob-*/metrics.jsonl"))
@@ -88,11 +148,18 @@ class Job:
                 steps.append(record["step"])
         return steps
 
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.handle.close()
+    def wait(self, stall: float | None = None) -> int:
+        """The child's exit code, once it exits; it is killed when it stalls (and the wait fails)."""
+        self._poll_until(lambda: self.proc.poll() is not None, "the job to exit", stall)
+        self.handle.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(autouse=True)
+def _no_child_survives():
+    yield
+    while Job.running:
+        Job.running.pop().kill()
 
 
 def _env(model: Path, output: Path, **settings) -> dict[str, str]:
@@ -227,7 +294,7 @@ def test_a_second_sigterm_exits_at_once(tiny_model, tmp_path):
     job.wait_for(marker.exists, "the checkpoint write after SIGTERM")
     job.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    assert job.wait(timeout=GRACE_S) == 75, job.text()[-3000:]
+    assert job.wait(stall=GRACE_S) == 75, job.text()[-3000:]
     assert time.monotonic() - signalled < 5
     result = read_result(tmp_path / "out")
     assert result["status"] == "interrupted" and result["error"]["exit_code"] == 75
@@ -361,17 +428,28 @@ def test_a_full_volume_while_checkpointing_fails_with_exit_4_and_the_rerun_resum
 
 
 def test_write_json_atomic_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
-    import app.jobdir
+    import app.safeio
     from app.jobdir import write_json_atomic
 
     path = tmp_path / "result.json"
     write_json_atomic(path, {"status": "completed"})
+    fdopen = os.fdopen
 
-    def broken_dump(obj, handle, **kwargs):
-        handle.write('{"status": "fai')  # half a file, then the failure (disk full, a kill's exception)
-        raise OSError(28, "No space left on device")
+    class HalfWrite:
+        def __init__(self, handle):
+            self.handle = handle
 
-    monkeypatch.setattr(app.jobdir.json, "dump", broken_dump)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])  # half a file, then the failure (disk full, a kill)
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(app.safeio.os, "fdopen", lambda fd, *a, **k: HalfWrite(fdopen(fd, *a, **k)))
     with pytest.raises(OSError):
         write_json_atomic(path, {"status": "failed"})
     assert json.loads(path.read_text()) == {"status": "completed"}
