@@ -144,9 +144,23 @@ class JobDir:
             remove(path)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def fsync_tree(path: Path) -> None:
     """Flush a written folder's files and the folder itself to disk before it is renamed into place (links are
-    not followed: the job writes none)."""
+    not followed: the job writes none). Files a library wrote through a private temporary file (safetensors:
+    0600) get the mode of any other file the job writes (0666 less the umask), so that whoever may read the
+    volume can load the adapter."""
+    mode = 0o666 & ~_umask()
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
             try:
@@ -154,6 +168,8 @@ def fsync_tree(path: Path) -> None:
             except OSError:
                 continue
             try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.fchmod(fd, mode)
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,10 @@ def test_train_writes_result_adapter_metrics_and_plot(tiny_model, tmp_path, monk
     assert {p.name for p in job.iterdir()} >= {"adapter", "checkpoints", "metrics.jsonl", "loss.png", "result.json"}
     assert (job / "adapter" / "adapter_model.safetensors").is_file()
     assert (job / "adapter" / "tokenizer.json").is_file() and (job / "adapter" / "chat_template.jinja").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (job / "adapter").iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors writes 0600: readable like every other file
     lines = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in lines if "loss" in r]
     assert train_steps == [1, 2, 3, 4]
