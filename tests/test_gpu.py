@@ -107,6 +107,65 @@ def test_packed_loss_equals_unpacked_loss_under_unsloth(small_model, tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=5e-3)
 
 
+def test_varlen_kernel_equals_per_row_sdpa_forward_and_backward():
+    """app.attention's FlashAttention-2 varlen call: each row attends causally to itself only (GQA, bf16), with the
+    gradients of SDPA run on every row alone."""
+    from app import attention
+
+    assert attention.kernel_available()
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, dim = [37, 300, 5, 128], 28, 4, 128
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    positions = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+    cu, longest = attention.row_bounds(positions, total, "cuda")
+    out = attention._FlashVarlen.apply(q, k, v, cu, longest, dim ** -0.5)
+    grad = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    rows, start = [], 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        rows.append(torch.nn.functional.scaled_dot_product_attention(
+            q[sl].transpose(0, 1)[None], k[sl].transpose(0, 1)[None], v[sl].transpose(0, 1)[None], is_causal=True,
+            enable_gqa=True)[0].transpose(0, 1))
+        start += n
+    ref = torch.cat(rows)
+    want = (ref, *torch.autograd.grad(ref, (q, k, v), grad))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = (a.float() - b.float()).abs().max().item()
+        print(f"varlen vs per-row SDPA {name}: max abs diff {err:.2e}")
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_hf_backend_padding_free_loss_equals_padded_loss(small_model, tmp_path):
+    """FT_PADDING_FREE=true on the hf backend on CUDA flattens unpacked rows through app.attention: the loss of a
+    micro-batch equals the padded one's."""
+    from app.pipeline import setup
+    from app.settings import load_settings
+    from app.signals import StopRequest
+    from app.trainer import build_trainer
+
+    eight = tmp_path / "eight.jsonl"
+    eight.write_text("".join((SAMPLE / "train.jsonl").read_text().splitlines(keepends=True)[:8]))
+    losses = {}
+    for padding_free in (False, True):
+        settings, _ = load_settings(model=str(small_model), training_file=str(eight), packing=False,
+                                    output_dir=str(tmp_path / str(padding_free)), padding_free=padding_free,
+                                    backend="hf", per_device_train_batch_size=8, gradient_accumulation_steps=1)
+        session = setup(settings)
+        assert session.model.config._attn_implementation == ("ft_varlen" if padding_free else "sdpa")
+        trainer = build_trainer(session, StopRequest()).trainer
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert ("attention_mask" in batch) != padding_free
+        session.model.eval()
+        with torch.no_grad():
+            losses[padding_free] = float(trainer.compute_loss(session.model, dict(batch)))
+        session.close()
+    print(f"hf loss padded {losses[False]:.6f} padding-free {losses[True]:.6f}")
+    assert losses[True] == pytest.approx(losses[False], rel=5e-3)
+
+
 def test_nvml_device_is_the_device_torch_uses(monkeypatch):
     from app.hardware import detect_hardware
 

@@ -33,7 +33,7 @@ class HfBackend(PeftBackend):
     def load_model(self, settings, model_path: Path, hardware, plan):
         from transformers import AutoModelForCausalLM
 
-        kwargs = dict(dtype=hardware.dtype, attn_implementation="sdpa")
+        kwargs = dict(dtype=hardware.dtype, attn_implementation=self.attention(model_path, settings))
         if settings.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
@@ -48,6 +48,21 @@ class HfBackend(PeftBackend):
         model = AutoModelForCausalLM.from_pretrained(model_path, token=settings.token(), **kwargs)
         model.config.use_cache = False
         return model
+
+    @staticmethod
+    def attention(model_path: Path, settings) -> str:
+        """app.attention's varlen kernel for flattened rows where FT_PADDING_FREE=true asks for it and the GPU and
+        the model allow it, else transformers' SDPA. Not yet the `auto` choice: the kernel is tested on the CPU
+        path only; tests/test_gpu.py and `scripts/gpu_session.sh varlen e2e-hf` measure it on a GPU, and `auto`
+        (this Profile's varlen_attention, no mask term) follows once they have passed."""
+        from app import attention
+
+        if settings.padding_free is not True or not attention.kernel_available():
+            return "sdpa"
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, token=settings.token())
+        return attention.register() if attention.supports(config) else "sdpa"
 
     def load_key(self, settings, plan) -> tuple:
         return (settings.load_in_4bit,)
