@@ -14,7 +14,9 @@
 # openweights 0.14.0 wheel's jobs/unsloth folder) · survey (job variants and the OpenWeights path, 10 steps) ·
 # model7 (build the Qwen2-7B shape's folder only) · sweep7 (bench/sweep.py: the 24-line code grid through
 # `python -m app sweep` on one GPU, then standalone runs of 3 of its lines while the 10-minute call lasts) ·
-# sweep7-alone (the 3 standalone runs only, compared with the sweep7 of an earlier call on the same machine).
+# sweep7-alone (the 3 standalone runs only, compared with the sweep7 of an earlier call on the same machine) ·
+# varlen (the hf backend's padding-free attention, app/attention.py, against per-row SDPA) · e2e-hf (e2e with the
+# hf backend's row first, page cache warm: job-hf, job, ow, plain within E2E_S seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -244,11 +246,13 @@ for phase in "$@"; do
     bench7-4bit-accept) phase_bench bench-7b-4bit-accept qwen2-7b 440 --modes 4bit \
       --paths job,job-ckpt,baseline,baseline-noupcast --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
     model7) model qwen2-7b >/dev/null; note "model qwen2-7b: built in $MODELS ($(elapsed) s)" ;;
-    sweep7) phase_sweep sweep7 qwen2-7b 570 --prompts 6 --seeds 4 --standalone 3 ;;
+    sweep7) phase_sweep sweep7 qwen2-7b "${SWEEP_S:-570}" --prompts 6 --seeds 4 --standalone "${SWEEP_ALONE:-3}" ;;
     sweep7-alone) phase_sweep sweep7 qwen2-7b 570 --prompts 6 --seeds 4 --standalone 3 --skip-sweep ;;
     refuse) phase_refuse ;;
     survey) phase_e2e survey 300 --paths job,job-padfree,job-ckpt,ow --max-steps 10 ;;
     e2e) phase_e2e e2e 540 --paths job,job-warm,plain,ow --drop-caches ;;
+    varlen) TEST_ARGS=(-k "varlen or padding_free_loss"); phase_tests ;;
+    e2e-hf) phase_e2e e2e-hf "${E2E_S:-540}" --paths job-hf,job,ow,plain ;;
     importtime) phase_importtime ;;
     importprof) phase_importprof ;;
     ttfs) phase_ttfs ;;
