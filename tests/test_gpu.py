@@ -82,8 +82,9 @@ def test_every_option_trains_saves_and_reloads(small_model, tmp_path, monkeypatc
     assert _generate(model, tokenizer).shape[1] == 8
 
 
-def test_packed_loss_equals_unpacked_loss_under_unsloth(small_model, tmp_path):
-    """unsloth's attention must keep packed examples apart: same loss as the padded batch (bf16 tolerance)."""
+def first_batch_loss(model: Path, tmp_path: Path, check=None, **overrides) -> float:
+    """The loss of the first micro-batch of 8 sample examples (eval mode, no gradient), through setup() and the
+    job's trainer; `check(session, batch)` may look at both first."""
     from app.pipeline import setup
     from app.settings import load_settings
     from app.signals import StopRequest
@@ -91,18 +92,26 @@ def test_packed_loss_equals_unpacked_loss_under_unsloth(small_model, tmp_path):
 
     eight = tmp_path / "eight.jsonl"  # one micro-batch of 8 examples, packed or not: the same examples
     eight.write_text("".join((SAMPLE / "train.jsonl").read_text().splitlines(keepends=True)[:8]))
-    losses = {}
-    for packing in (False, True):
-        settings, _ = load_settings(model=str(small_model), training_file=str(eight),
-                                    output_dir=str(tmp_path / str(packing)), packing=packing, max_seq_length=2048,
-                                    backend="unsloth", per_device_train_batch_size=8, gradient_accumulation_steps=1)
-        session = setup(settings)
+    settings, _ = load_settings(model=str(model), training_file=str(eight), per_device_train_batch_size=8,
+                                output_dir=str(tmp_path / "-".join(f"{k}{v}" for k, v in overrides.items())),
+                                gradient_accumulation_steps=1, **overrides)
+    session = setup(settings)
+    try:
         trainer = build_trainer(session, StopRequest()).trainer
         batch = next(iter(trainer.get_train_dataloader()))
+        if check:
+            check(session, batch)
         session.model.eval()
         with torch.no_grad():
-            losses[packing] = float(trainer.compute_loss(session.model, dict(batch)))
+            return float(trainer.compute_loss(session.model, dict(batch)))
+    finally:
         session.close()
+
+
+def test_packed_loss_equals_unpacked_loss_under_unsloth(small_model, tmp_path):
+    """unsloth's attention must keep packed examples apart: same loss as the padded batch (bf16 tolerance)."""
+    losses = {packing: first_batch_loss(small_model, tmp_path, packing=packing, max_seq_length=2048,
+                                        backend="unsloth") for packing in (False, True)}
     print(f"unsloth loss unpacked {losses[False]:.6f} packed {losses[True]:.6f}")
     assert losses[True] == pytest.approx(losses[False], rel=5e-3)
 
@@ -141,27 +150,14 @@ def test_varlen_kernel_equals_per_row_sdpa_forward_and_backward():
 def test_hf_backend_padding_free_loss_equals_padded_loss(small_model, tmp_path):
     """FT_PADDING_FREE=true on the hf backend on CUDA flattens unpacked rows through app.attention: the loss of a
     micro-batch equals the padded one's."""
-    from app.pipeline import setup
-    from app.settings import load_settings
-    from app.signals import StopRequest
-    from app.trainer import build_trainer
-
-    eight = tmp_path / "eight.jsonl"
-    eight.write_text("".join((SAMPLE / "train.jsonl").read_text().splitlines(keepends=True)[:8]))
     losses = {}
     for padding_free in (False, True):
-        settings, _ = load_settings(model=str(small_model), training_file=str(eight), packing=False,
-                                    output_dir=str(tmp_path / str(padding_free)), padding_free=padding_free,
-                                    backend="hf", per_device_train_batch_size=8, gradient_accumulation_steps=1)
-        session = setup(settings)
-        assert session.model.config._attn_implementation == ("ft_varlen" if padding_free else "sdpa")
-        trainer = build_trainer(session, StopRequest()).trainer
-        batch = next(iter(trainer.get_train_dataloader()))
-        assert ("attention_mask" in batch) != padding_free
-        session.model.eval()
-        with torch.no_grad():
-            losses[padding_free] = float(trainer.compute_loss(session.model, dict(batch)))
-        session.close()
+        def check(session, batch, padding_free=padding_free):
+            assert session.model.config._attn_implementation == ("ft_varlen" if padding_free else "sdpa")
+            assert ("attention_mask" in batch) != padding_free
+
+        losses[padding_free] = first_batch_loss(small_model, tmp_path, check, packing=False, backend="hf",
+                                                padding_free=padding_free)
     print(f"hf loss padded {losses[False]:.6f} padding-free {losses[True]:.6f}")
     assert losses[True] == pytest.approx(losses[False], rel=5e-3)
 
