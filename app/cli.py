@@ -238,9 +238,11 @@ def _ranks_wanted(settings) -> int:
 
 
 def _train(record, stop) -> int:
+    from app.launch import finish_ranks
     from app.pipeline import run
 
     result = run(record.settings, record, stop)
+    finish_ranks()
     where = (record.job_root / "result.json") if record.job_root else record.settings.output_dir / "result.json"
     outputs = result.get("outputs", {})
     log.info("done: %s  train_loss %s  eval_loss %s", result["id"], outputs.get("train_loss"), outputs.get("eval_loss"))

@@ -48,6 +48,19 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def finish_ranks() -> None:
+    """The end of a completed data-parallel run, on every rank: wait until rank 0 has saved the model and written
+    result.json, then leave the process group together. A rank that exits while the others still hold the group
+    can abort in the communication library's threads at interpreter shutdown ("terminate called without an active
+    exception", seen with gloo on a loaded CPU): the launcher reads that as a failed rank and stops rank 0 in the
+    middle of its save. Nothing to do in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

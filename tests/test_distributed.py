@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,30 @@ def test_sigterm_checkpoints_all_ranks_and_a_rerun_resumes(tiny_model, tmp_path)
     assert final["status"] == "completed" and final["outputs"]["global_step"] == 40
     steps = [r["step"] for r in _train_lines(job)]
     assert steps == list(range(1, 41))  # resumed after the checkpoint, every step logged once
+
+
+def _finishing_rank(rank: int, port: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from app.launch import finish_ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if rank == 0:
+        time.sleep(3)  # rank 0 saving the model and writing result.json
+    finish_ranks()
+    Path(out, str(rank)).write_text(json.dumps({"left": time.monotonic(), "grouped": dist.is_initialized()}))
+
+
+def test_a_rank_leaves_only_after_rank_0_has_finished_and_the_group_is_destroyed(tmp_path):
+    """A completed run's other ranks wait for rank 0's save, then every rank leaves the process group: none exits
+    holding it while rank 0 still works (an abort at its shutdown made the launcher stop rank 0 mid-save)."""
+    import torch.multiprocessing as mp
+
+    from app.launch import _free_port
+
+    started = time.monotonic()
+    mp.spawn(_finishing_rank, args=(str(_free_port()), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / str(r)).read_text()) for r in (0, 1)]
+    assert not any(r["grouped"] for r in ranks)
+    assert ranks[1]["left"] - started >= 3 and ranks[1]["left"] >= ranks[0]["left"] - 1
