@@ -12,11 +12,20 @@ custom op over the two aten ops used here); the pinned torch 2.11 has the ops bu
 A padding mask (evaluation of padded rows, generation) or a KV cache goes to transformers' SDPA function with
 transformers' mask; flattened rows on a CPU or with dropout go to it one row at a time: the same result, only
 slower. Models with sliding windows or soft-capping keep "sdpa" (`supports()`).
+
+The unsloth backend gets the same kernel through `enable_unsloth_varlen()`: unsloth 2026.10.9 runs flattened rows
+through torch's `varlen_attn` where torch has it (2.12+) and, on torch 2.11, through one SDPA call per row per layer,
+which leaves the step launch-bound (1.0 s against 0.53 s padded, the code run on an H200, 2026-12-01). `varlen_attn()`
+below is that function's contract on torch 2.11's kernel, handed to unsloth's dispatcher in place of the missing one.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 NAME = "ft_varlen"
 _HALF = (torch.float16, torch.bfloat16)
@@ -37,23 +46,43 @@ def supports(config) -> bool:
 
 
 class _FlashVarlen(torch.autograd.Function):
-    """Causal attention within each row of (tokens, heads, dim) tensors bounded by `cu` (int32, rows + 1)."""
+    """Attention within each row of (tokens, heads, dim) tensors bounded by `cu_q`/`cu_k` (int32, rows + 1): causal
+    by default, or a (left, right) window as FlashAttention-2 takes it. K/V may have fewer heads (GQA)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu, longest: int, scale: float | None):
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None, causal: bool = True,
+                window: tuple[int, int] | None = None):
+        sizes = {"window_size_left": window[0], "window_size_right": window[1]} if window else {}
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, longest, longest, 0.0, True, False, scale=scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
-        ctx.longest, ctx.scale = longest, scale
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, **sizes)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, rng, unused)
+        ctx.sizes, ctx.longest, ctx.scale, ctx.causal = sizes, (max_q, max_k), scale, causal
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, rng, unused = ctx.saved_tensors
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.longest, ctx.longest, 0.0, True, rng, unused,
-            scale=ctx.scale)
-        return dq, dk, dv, None, None, None
+            grad.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.longest, 0.0, ctx.causal, rng, unused,
+            scale=ctx.scale, **ctx.sizes)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, *, scale: float | None = None,
+                window_size: tuple[int, int] = (-1, -1), enable_gqa: bool = False, return_aux=None):
+    """torch 2.12's `torch.nn.attention.varlen.varlen_attn` (the call unsloth's dispatcher makes) on torch 2.11's
+    FlashAttention-2 kernel: (tokens, heads, dim) in and out; window (-1, 0) is causal, (W, 0) causal within W
+    tokens, (-1, -1) bidirectional."""
+    if return_aux is not None:
+        raise NotImplementedError("varlen_attn: return_aux (the log-sum-exp) is not provided on torch 2.11")
+    if query.shape[1] != key.shape[1] and not (enable_gqa and query.shape[1] % key.shape[1] == 0):
+        raise ValueError(f"varlen_attn: {query.shape[1]} query heads and {key.shape[1]} key heads need enable_gqa "
+                         "and a whole number of query heads per key head")
+    left, right = window_size
+    causal = right == 0
+    window = None if (left, right) in ((-1, 0), (-1, -1)) else (left, right)
+    cu_k = cu_seq_q if cu_seq_k is None else cu_seq_k
+    return _FlashVarlen.apply(query, key, value, cu_seq_q, cu_k, max_q, max_k, scale, causal, window)
 
 
 _bounds_cache: list = [None, None, 0]  # the position ids of the last call, their row starts, the longest row
@@ -96,7 +125,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
         return torch.cat(rows, dim=1), None
     dtype = query.dtype if query.dtype in _HALF else (value.dtype if value.dtype in _HALF else torch.bfloat16)
     q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))
-    out = _FlashVarlen.apply(q, k, v, cu, longest, scaling)
+    out = _FlashVarlen.apply(q, k, v, cu, cu, longest, longest, scaling)
     return out.to(query.dtype).unsqueeze(0), None
 
 
@@ -117,3 +146,35 @@ def register() -> str:
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, _mask)
     return NAME
+
+
+# What enable_unsloth_varlen() reads and sets in unsloth.utils.attention_dispatch (unsloth 2026.10.9): no public hook
+# chooses the attention kernel of flattened rows. A release without one of them keeps unsloth's own choice (padded
+# rows by default, see the unsloth backend), with a warning; tests/test_attention.py holds the contract.
+UNSLOTH_DISPATCH = ("_TORCH_VARLEN_ATTN", "_LEAN_VARLEN", "_NATIVE_BEATS_XFORMERS", "_native_beats_xformers",
+                    "_visible_capabilities", "_varlen_attn_call")
+
+
+def enable_unsloth_varlen(dispatch=None) -> bool:
+    """Whether unsloth now runs flattened rows (padding-free batches, packing) through one varlen kernel call per
+    layer: unsloth's own (torch 2.12+) or `varlen_attn` above (torch 2.11, a CUDA GPU of compute capability 8+).
+    Idempotent; `dispatch` is unsloth.utils.attention_dispatch (a stand-in in the tests)."""
+    if dispatch is None:
+        if not kernel_available():
+            return False
+        try:
+            from unsloth.utils import attention_dispatch as dispatch
+        except ImportError:
+            return False
+    if missing := [name for name in UNSLOTH_DISPATCH if not hasattr(dispatch, name)]:
+        log.warning("this unsloth release has no %s in unsloth.utils.attention_dispatch: unpacked rows stay padded "
+                    "(FT_PADDING_FREE=true still flattens them, through unsloth's own attention)", ", ".join(missing))
+        return False
+    if dispatch._TORCH_VARLEN_ATTN is None:
+        dispatch._TORCH_VARLEN_ATTN = varlen_attn
+        dispatch._LEAN_VARLEN = False  # unsloth's lean path checks torch 2.12's cuDNN rules; varlen_attn is lean already
+    elif dispatch._TORCH_VARLEN_ATTN is not varlen_attn:
+        return True  # torch 2.12+: unsloth's own kernel choice
+    # torch's kernels over xformers' block-diagonal one for flattened rows, as unsloth decides once it has varlen
+    dispatch._NATIVE_BEATS_XFORMERS = dispatch._native_beats_xformers(dispatch._visible_capabilities(), True)
+    return True

@@ -97,12 +97,23 @@ def setup(settings, record: Recorder | None = None, base: Any = None) -> Session
     started = time.monotonic()
     from transformers import set_seed
 
+    from app.backends.reuse import freeze_heap
+
     backend, load = prepared.backend, (settings, session.model_path, prepared.hardware, prepared.plan)
-    model = base.load(backend, *load) if base is not None else backend.load_model(*load)
+    if base is not None:
+        model = base.load(backend, *load)
+    else:
+        model = backend.load_model(*load)
+        freeze_heap()  # until session.close(): what is loaded now is never garbage-collected again in this run
+        session.thaw = True
     # add_lora draws the LoRA A matrices from the global RNG, before the trainer seeds it: seed here, or
     # FT_SEED does not fix the initial adapter and two runs of the same job train different models.
     set_seed(settings.seed)
-    session.model = backend.add_lora(model, settings, prepared.plan)
+    try:
+        session.model = backend.add_lora(model, settings, prepared.plan)
+    except BaseException:
+        session.close()
+        raise
     record.outputs["load_time_s"] = round(time.monotonic() - started, 2)
     _mark(record, "model")
     return session

@@ -40,6 +40,8 @@ class Session:
     model: Any = None
     model_path: Path | None = None  # the folder with the weights
     completed: dict[str, Any] | None = None
+    thaw: bool = False  # setup froze the heap after loading the base (reuse.freeze_heap): close() thaws it
+
 
     @property
     def settings(self):
@@ -50,6 +52,11 @@ class Session:
         return self.prepared.plan
 
     def close(self) -> None:
+        if self.thaw:
+            from app.backends.reuse import thaw_heap
+
+            thaw_heap()
+            self.thaw = False
         if self.lock is not None:
             self.lock.close()
 

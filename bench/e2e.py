@@ -11,6 +11,7 @@ architecture-faithful model folder (app.devmodel), in a process of its own, time
   job          `python -m app train` with env/code.env, as users run it
   job-warm     the job again, after `job`, with the compile caches it left (the image keeps them on /cache)
   job-padfree  the same with FT_PADDING_FREE=true (unpacked rows flattened instead of padded)
+  job-padded   the same with FT_PADDING_FREE=false (rows padded to the longest of their micro-batch)
   job-ckpt     the same with FT_GRADIENT_CHECKPOINTING=true
   job-hf       the same with FT_BACKEND=hf (transformers + PEFT inside the job)
   plain        transformers + PEFT + TRL SFTTrainer as a careful user writes it, the same rows (bench/plain.py)
@@ -39,8 +40,9 @@ from typing import Any
 from bench.run import build_model, log_tail, probe_device, run_logged, say
 
 REPO = Path(__file__).resolve().parent.parent
-PATHS = ["job", "job-warm", "job-padfree", "job-ckpt", "job-hf", "plain", "ow"]
+PATHS = ["job", "job-warm", "job-padfree", "job-padded", "job-ckpt", "job-hf", "plain", "ow"]
 JOB_VARIANTS = {"job": {}, "job-warm": {}, "job-padfree": {"FT_PADDING_FREE": "true"},
+                "job-padded": {"FT_PADDING_FREE": "false"},
                 "job-ckpt": {"FT_GRADIENT_CHECKPOINTING": "true"}, "job-hf": {"FT_BACKEND": "hf"}}
 PRESET = REPO / "env" / "code.env"
 CONVERSATIONS = 717  # the published code data's size

@@ -78,3 +78,53 @@ def test_models_with_windows_keep_sdpa():
 def tiny_cfg(**extra) -> Qwen2Config:
     return Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra)
+
+
+def _unsloth_dispatch(**overrides):
+    """A stand-in for unsloth.utils.attention_dispatch (2026.10.9) as torch 2.11 leaves it: no varlen kernel."""
+    from types import SimpleNamespace
+
+    seen = []
+    names = dict(_TORCH_VARLEN_ATTN=None, _LEAN_VARLEN=False, _NATIVE_BEATS_XFORMERS=False,
+                 _native_beats_xformers=lambda caps, loaded: seen.append((caps, loaded)) or loaded,
+                 _visible_capabilities=lambda: ((9, 0),), _varlen_attn_call=object())
+    names.update(overrides)
+    return SimpleNamespace(**names), seen
+
+
+def test_unsloth_gets_the_varlen_kernel_on_torch_2_11():
+    dispatch, seen = _unsloth_dispatch()
+    assert attention.enable_unsloth_varlen(dispatch)
+    assert dispatch._TORCH_VARLEN_ATTN is attention.varlen_attn and dispatch._LEAN_VARLEN is False
+    assert dispatch._NATIVE_BEATS_XFORMERS and seen == [(((9, 0),), True)]  # unsloth's own rule, with varlen
+    assert attention.enable_unsloth_varlen(dispatch) and dispatch._TORCH_VARLEN_ATTN is attention.varlen_attn
+
+
+def test_unsloth_keeps_its_own_varlen_on_newer_torch():
+    own = object()
+    dispatch, seen = _unsloth_dispatch(_TORCH_VARLEN_ATTN=own, _LEAN_VARLEN=True)
+    assert attention.enable_unsloth_varlen(dispatch)
+    assert dispatch._TORCH_VARLEN_ATTN is own and dispatch._LEAN_VARLEN and seen == []
+
+
+def test_an_unsloth_release_without_the_dispatch_names_keeps_padding(caplog):
+    dispatch, _ = _unsloth_dispatch()
+    del dispatch._native_beats_xformers
+    assert not attention.enable_unsloth_varlen(dispatch)
+    assert dispatch._TORCH_VARLEN_ATTN is None and "_native_beats_xformers" in caplog.text
+
+
+def test_without_a_cuda_kernel_unsloth_is_not_touched(monkeypatch):
+    monkeypatch.setattr(attention, "kernel_available", lambda: False)
+    assert not attention.enable_unsloth_varlen()  # the CPU, or a GPU older than compute capability 8
+
+
+def test_varlen_attn_refuses_what_the_kernel_cannot_do():
+    q, kv = torch.zeros(4, 6, 8), torch.zeros(4, 4, 8)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        attention.varlen_attn(q, kv, kv, cu, cu, 4, 4, enable_gqa=True)  # 6 heads over 4: not whole groups
+    with pytest.raises(ValueError, match="enable_gqa"):
+        attention.varlen_attn(q, q[:, :3], q[:, :3], cu, cu, 4, 4)
+    with pytest.raises(NotImplementedError, match="return_aux"):
+        attention.varlen_attn(q, q, q, cu, cu, 4, 4, return_aux=object())

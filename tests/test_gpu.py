@@ -129,7 +129,8 @@ def test_varlen_kernel_equals_per_row_sdpa_forward_and_backward():
                for h in (heads, kv_heads, kv_heads))
     positions = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
     cu, longest = attention.row_bounds(positions, total, "cuda")
-    out = attention._FlashVarlen.apply(q, k, v, cu, longest, dim ** -0.5)
+    out = attention.varlen_attn(q, k, v, cu, cu, longest, longest, scale=dim ** -0.5, window_size=(-1, 0),
+                                enable_gqa=True)
     grad = torch.randn_like(out)
     got = (out, *torch.autograd.grad(out, (q, k, v), grad))
     rows, start = [], 0
@@ -160,6 +161,30 @@ def test_hf_backend_padding_free_loss_equals_padded_loss(small_model, tmp_path):
                                                 padding_free=padding_free)
     print(f"hf loss padded {losses[False]:.6f} padding-free {losses[True]:.6f}")
     assert losses[True] == pytest.approx(losses[False], rel=5e-3)
+
+
+def test_unsloth_padding_free_runs_one_varlen_call_per_layer_and_equals_padded_loss(small_model, tmp_path,
+                                                                                     monkeypatch):
+    """On torch 2.11 unsloth gets app.attention's varlen kernel (enable_unsloth_varlen): FT_PADDING_FREE=auto
+    flattens unpacked rows, every layer attends them in one call, and the loss equals the padded batch's."""
+    from app import attention
+
+    calls = []
+    real = attention._FlashVarlen.apply
+    monkeypatch.setattr(attention._FlashVarlen, "apply", lambda *a: calls.append(a[3].numel() - 1) or real(*a))
+    losses = {}
+    for padding_free in ("auto", False):
+        def check(session, batch, padding_free=padding_free):
+            assert session.plan.padding_free == (padding_free == "auto")
+            assert ("attention_mask" in batch) != (padding_free == "auto")
+
+        calls.clear()
+        losses[padding_free] = first_batch_loss(small_model, tmp_path, check, packing=False, backend="unsloth",
+                                                padding_free=padding_free)
+        layers = json.loads((small_model / "config.json").read_text())["num_hidden_layers"]
+        assert calls == ([8] * layers if padding_free == "auto" else []), calls  # 8 rows, one call per layer
+    print(f"unsloth loss padded {losses[False]:.6f} padding-free {losses['auto']:.6f}")
+    assert losses["auto"] == pytest.approx(losses[False], rel=5e-3)
 
 
 def test_nvml_device_is_the_device_torch_uses(monkeypatch):

@@ -8,6 +8,7 @@ bit for bit on the CPU.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -389,8 +390,10 @@ def test_a_failing_line_is_recorded_with_its_code_and_the_sweep_goes_on(tiny_mod
         {"training_file": train, "seed": 4, "max_steps": 2, "learning_rate": 1e-3},
     ])
     real_train = app.pipeline.train
+    frozen = []
 
     def buggy_train(session, stop, record):
+        frozen.append(gc.get_freeze_count())  # the shared base stays out of garbage collection between lines
         if session.settings.seed == 13:
             raise RuntimeError("a bug in training")
         return real_train(session, stop, record)
@@ -413,6 +416,7 @@ def test_a_failing_line_is_recorded_with_its_code_and_the_sweep_goes_on(tiny_mod
                                                          "exit_code": 1}
     assert summary["base_loads"] == 1, "a failed line gives the base back without its LoRA"
     assert by_line[5]["global_step"] == 2 and by_line[0]["global_step"] == 2
+    assert len(frozen) == 4 and min(frozen) > 10_000 and gc.get_freeze_count() == 0  # thawed when the base goes
 
 
 def _train_steps(job: Path) -> list[int]:

@@ -160,3 +160,23 @@ def test_preview_json_is_what_the_trainer_trains_on(tiny_model, tmp_path, monkey
         assert [r["labels"] for r in rows] == [list(r["labels"]) for r in trained_rows]
         assert all(any(label != -100 for label in r["labels"]) for r in rows)
         assert all(label == -100 or label == token for r in rows for token, label in zip(r["input_ids"], r["labels"], strict=True))
+
+
+def test_the_loaded_base_is_kept_out_of_garbage_collection_until_the_run_ends(tiny_model, tmp_path, monkeypatch):
+    """After the base is loaded the heap is frozen (gc.freeze: unsloth's get_peft_model and the trainer collect
+    garbage many times, and each collection would walk every object of the libraries and the model again); the
+    run thaws it when it ends, so nothing stays frozen in a process that goes on."""
+    import gc
+
+    from app.backends.hf import HfBackend
+
+    frozen = []
+    real = HfBackend.add_lora
+    monkeypatch.setattr(HfBackend, "add_lora", lambda self, *a: frozen.append(gc.get_freeze_count()) or real(self, *a))
+    assert gc.get_freeze_count() == 0
+    assert run_cli(monkeypatch, smoke_env(tiny_model, tmp_path), "train") == 0
+    assert frozen and frozen[0] > 10_000  # the libraries and the model: every object alive after loading
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(HfBackend, "add_lora", lambda *a: 1 / 0)  # a failed run thaws it too
+    assert run_cli(monkeypatch, smoke_env(tiny_model, tmp_path / "failed", seed="1"), "train") != 0
+    assert gc.get_freeze_count() == 0

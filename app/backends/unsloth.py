@@ -15,6 +15,7 @@ on the CPU through the hf backend; not yet run on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import tempfile
@@ -33,11 +34,11 @@ class UnslothBackend(PeftBackend):
     # Fused RMSNorm/RoPE/SwiGLU kernels, offloaded checkpoints, fused cross-entropy. Fitted to peaks measured on
     # an H100 (2026-11-25, packed rows of 2048, Qwen2-0.5B at micro-batch 1/2/4, bf16 and 4-bit, checkpointing on
     # and off; docs/BENCHMARKS.md, "Memory estimate"): 35.9 KB per token per layer in bf16, 32.4 KB on a 4-bit
-    # base, 0.37 GiB of cross-entropy workspace; no mask term. Unpacked rows stay padded (varlen_attention False):
-    # with torch 2.11 (the pinned set) unsloth runs flattened rows through one SDPA call per row per layer
-    # (torch's varlen kernel needs 2.12), which leaves the step launch-bound. Measured on the code run (H200,
-    # 2026-12-01, Qwen2-7B shape, 16 rows of ~370 tokens per step): 1.0 s per step padding-free vs 0.53 s padded
-    # (the padded tokens at 77% of the card's bf16 peak, through unsloth's compiled blocks).
+    # base, 0.37 GiB of cross-entropy workspace; no mask term. varlen_attention is decided in activate(): with
+    # torch 2.11 (the pinned set) unsloth runs flattened rows through one SDPA call per row per layer, which left
+    # the step launch-bound (the code run on an H200, 2026-12-01, Qwen2-7B shape, 16 rows of ~370 tokens per step:
+    # 1.0 s per step padding-free vs 0.53 s padded); app.attention.enable_unsloth_varlen gives it one varlen
+    # kernel call per layer instead, and unpacked rows are then flattened by default (FT_PADDING_FREE=auto).
     memory = Profile(layer_bytes=(16.0, 0.0, 4.43), scale_4bit=0.90, checkpoint_keeps_inputs=False,
                      recompute_fraction=0.48, logits_bytes=4.0, logits_tokens_cap=650, fp32_embeddings_4bit=False,
                      varlen_attention=False)
@@ -59,6 +60,10 @@ class UnslothBackend(PeftBackend):
         set_library_defaults(UNSLOTH_DISABLE_STATISTICS="1", UNSLOTH_COMPILE_LOCATION=f"{tmp}/unsloth_compiled_cache",
                              TRITON_CACHE_DIR=f"{tmp}/triton_cache")
         import unsloth  # noqa: F401  (must precede transformers/peft/trl)
+
+        from app.attention import enable_unsloth_varlen
+
+        self.memory = dataclasses.replace(self.memory, varlen_attention=enable_unsloth_varlen())
 
     def load_model(self, settings, model_path: Path, hardware, plan):
         from unsloth import FastLanguageModel
