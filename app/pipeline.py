@@ -58,7 +58,8 @@ def prepare(settings, record: Recorder, base: Any = None, writes: bool = True) -
     inputs = {**files.hashes, "model": model_fingerprint(settings.model, model_path)}  # new weights: another job
     record.job_id = job_id = make_job_id(settings.identity(), inputs, settings.job_id_suffix)
     console.announce(settings, job_id, files)
-    prefetch_weights(model_path)  # the disk reads the weights while the libraries import
+    if base is None or not base.holds():  # a sweep's held base needs no read: the disk reads the weights while the
+        prefetch_weights(model_path)       # libraries import
     config = read_config(model_path)
     check_before_tokenizing(settings, hardware, config, writes)
     backend.activate()  # unsloth before transformers/TRL/PEFT

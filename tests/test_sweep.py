@@ -399,6 +399,8 @@ def test_a_failing_line_is_recorded_with_its_code_and_the_sweep_goes_on(tiny_mod
         return real_train(session, stop, record)
 
     monkeypatch.setattr(app.pipeline, "train", buggy_train)
+    prefetches = []
+    monkeypatch.setattr(app.pipeline, "prefetch_weights", prefetches.append)
     lined = ("FT_TRAINING_FILE", "FT_MAX_STEPS", "FT_LEARNING_RATE")  # set by the lines (the environment would win)
     env = {k: v for k, v in smoke_env(tiny_model, tmp_path / "out").items() if k not in lined}
     assert run_cli(monkeypatch, env, "sweep", str(grid)) == 4  # the first failed line in file order
@@ -417,6 +419,7 @@ def test_a_failing_line_is_recorded_with_its_code_and_the_sweep_goes_on(tiny_mod
     assert summary["base_loads"] == 1, "a failed line gives the base back without its LoRA"
     assert by_line[5]["global_step"] == 2 and by_line[0]["global_step"] == 2
     assert len(frozen) == 4 and min(frozen) > 10_000 and gc.get_freeze_count() == 0  # thawed when the base goes
+    assert len(prefetches) == 1  # the weights are read ahead for the first load only, not again for a held base
 
 
 def _train_steps(job: Path) -> list[int]:

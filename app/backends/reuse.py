@@ -244,6 +244,10 @@ class SharedBase:
         del model
         free_memory()
 
+    def holds(self) -> bool:
+        """Whether a base model is loaded (the next line with the same key reuses it without reading its files)."""
+        return self.model is not None
+
     def held_gb(self) -> float:
         """GiB of GPU memory this process holds (the base and the allocator's cache): free for the next line when
         it reuses the base. The preflight reads the GPU's free memory through NVML, which counts them as used."""
