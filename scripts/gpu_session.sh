@@ -16,7 +16,7 @@
 # `python -m app sweep` on one GPU, then standalone runs of 3 of its lines while the 10-minute call lasts) ·
 # sweep7-alone (the 3 standalone runs only, compared with the sweep7 of an earlier call on the same machine) ·
 # varlen (padding-free attention, app/attention.py: the kernel against per-row SDPA, padded vs padding-free loss
-# under hf and unsloth, packed vs unpacked under unsloth) · e2e-pf (the job padding-free, its default with the
+# under hf and unsloth, packed vs unpacked under unsloth; varlen-unsloth: unsloth's test alone) · e2e-pf (the job padding-free, its default with the
 # varlen kernel, then padded) · e2e-hf (e2e with the
 # hf backend's row first, page cache warm: job-hf, job, ow, plain within E2E_S seconds).
 set -uo pipefail
@@ -254,6 +254,7 @@ for phase in "$@"; do
     survey) phase_e2e survey 300 --paths job,job-padfree,job-ckpt,ow --max-steps 10 ;;
     e2e) phase_e2e e2e 540 --paths job,job-warm,plain,ow --drop-caches ;;
     varlen) TEST_ARGS=(-k "varlen or padding_free or packed_loss"); phase_tests ;;
+    varlen-unsloth) TEST_ARGS=(-k "unsloth_padding_free"); phase_tests ;;
     e2e-pf) phase_e2e e2e-pf "${E2E_S:-330}" --paths job,job-padded --drop-caches ;;
     e2e-hf) phase_e2e e2e-hf "${E2E_S:-540}" --paths job-hf,job,ow,plain ;;
     importtime) phase_importtime ;;
