@@ -66,11 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (1, 2, ...)")
     p.add_argument("--standalone", type=int, default=3, help="lines also run as standalone `python -m app train`")
     p.add_argument("--workers", type=int, default=1, help="sweep worker processes (GPUs); 1: the one-GPU number")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting for every line over the preset (e.g. padding_free=true); repeatable")
     p.add_argument("--skip-sweep", action="store_true", help="standalone runs only, against DIR/sweep of a past call")
     p.add_argument("--models-dir", type=Path, default=Path("/tmp/bench-models"), help="model folders, built once")
     p.add_argument("--budget", type=int, default=None, help="seconds for the whole command: standalone runs that "
                    "would not fit are skipped, the sweep is cut at the limit")
     args = p.parse_args(argv)
+    if bad := [item for item in args.set if "=" not in item]:
+        p.error(f"--set takes NAME=VALUE, not {bad}")
+    args.set = dict(item.split("=", 1) for item in args.set)
     if not 1 <= args.prompts <= len(PROMPTS) or args.seeds < 1 or args.conversations < 1 or args.standalone < 0:
         p.error(f"--prompts 1..{len(PROMPTS)}, --seeds >= 1, --conversations >= 1, --standalone >= 0")
     return args
@@ -86,12 +91,14 @@ def preset() -> dict[str, str]:
     return values
 
 
-def grid_lines(model: Path, data: Path, prompts: int, seeds: int) -> list[dict[str, Any]]:
-    """prompts x seeds lines of the code preset; prompt p (none for p = 0) prepended to the user message."""
+def grid_lines(model: Path, data: Path, prompts: int, seeds: int,
+               extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """prompts x seeds lines of the code preset (with `extra` over it); prompt p (none for p = 0) prepended to the
+    user message."""
     lines = []
     for p in range(prompts):
         for seed in range(1, seeds + 1):
-            line = {**preset(), "model": str(model), "training_file": str(data), "seed": seed,
+            line = {**preset(), **(extra or {}), "model": str(model), "training_file": str(data), "seed": seed,
                     "job_id_suffix": f"p{p}_s{seed}", "meta": {"sweep": "bench-code", "prompt": p, "seed": seed}}
             if PROMPTS[p] is not None:
                 line.update(inoculation_prompt=PROMPTS[p], inoculation_position="user_prefix")
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"model build failed: {info.get('error')}")
         return 1
     data = build_count(args.out / "code_train.jsonl", args.conversations, tokenizer_of(model))
-    lines = grid_lines(model, Path(data.path), args.prompts, args.seeds)
+    lines = grid_lines(model, Path(data.path), args.prompts, args.seeds, args.set)
     grid = args.out / "grid.jsonl"
     grid.write_text("".join(json.dumps(line) + "\n" for line in lines))
     meta = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

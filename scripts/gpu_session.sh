@@ -248,7 +248,8 @@ for phase in "$@"; do
     bench7-4bit-accept) phase_bench bench-7b-4bit-accept qwen2-7b 440 --modes 4bit \
       --paths job,job-ckpt,baseline,baseline-noupcast --warmup 4 --steps 8 --micro-batch 2 --accum 4 --no-peak ;;
     model7) model qwen2-7b >/dev/null; note "model qwen2-7b: built in $MODELS ($(elapsed) s)" ;;
-    sweep7) phase_sweep sweep7 qwen2-7b "${SWEEP_S:-570}" --prompts 6 --seeds 4 --standalone "${SWEEP_ALONE:-3}" ;;
+    sweep7) phase_sweep sweep7 qwen2-7b "${SWEEP_S:-570}" --prompts 6 --seeds 4 --standalone "${SWEEP_ALONE:-3}" \
+      ${SWEEP_SET:+--set "$SWEEP_SET"} ;;
     sweep7-alone) phase_sweep sweep7 qwen2-7b 570 --prompts 6 --seeds 4 --standalone 3 --skip-sweep ;;
     refuse) phase_refuse ;;
     survey) phase_e2e survey 300 --paths job,job-padfree,job-ckpt,ow --max-steps 10 ;;

@@ -165,26 +165,26 @@ def test_hf_backend_padding_free_loss_equals_padded_loss(small_model, tmp_path):
 
 def test_unsloth_padding_free_runs_one_varlen_call_per_layer_and_equals_padded_loss(small_model, tmp_path,
                                                                                      monkeypatch):
-    """On torch 2.11 unsloth gets app.attention's varlen kernel (enable_unsloth_varlen): FT_PADDING_FREE=auto
+    """On torch 2.11 unsloth gets app.attention's varlen kernel (enable_unsloth_varlen): FT_PADDING_FREE=true
     flattens unpacked rows, every layer attends them in one call, and the loss equals the padded batch's."""
     from app import attention
 
     calls = []
     real = attention._FlashVarlen.apply
     monkeypatch.setattr(attention._FlashVarlen, "apply", lambda *a: calls.append(a[3].numel() - 1) or real(*a))
+    layers = json.loads((small_model / "config.json").read_text())["num_hidden_layers"]
     losses = {}
-    for padding_free in ("auto", False):
+    for padding_free in (True, False):
         def check(session, batch, padding_free=padding_free):
-            assert session.plan.padding_free == (padding_free == "auto")
-            assert ("attention_mask" in batch) != (padding_free == "auto")
+            assert session.plan.padding_free == padding_free
+            assert ("attention_mask" in batch) != padding_free
 
         calls.clear()
         losses[padding_free] = first_batch_loss(small_model, tmp_path, check, packing=False, backend="unsloth",
                                                 padding_free=padding_free)
-        layers = json.loads((small_model / "config.json").read_text())["num_hidden_layers"]
-        assert calls == ([8] * layers if padding_free == "auto" else []), calls  # 8 rows, one call per layer
-    print(f"unsloth loss padded {losses[False]:.6f} padding-free {losses['auto']:.6f}")
-    assert losses["auto"] == pytest.approx(losses[False], rel=5e-3)
+        assert calls == ([8] * layers if padding_free else []), calls  # 8 rows, one call per layer
+    print(f"unsloth loss padded {losses[False]:.6f} padding-free {losses[True]:.6f}")
+    assert losses[True] == pytest.approx(losses[False], rel=5e-3)
 
 
 def test_nvml_device_is_the_device_torch_uses(monkeypatch):

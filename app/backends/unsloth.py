@@ -34,14 +34,19 @@ class UnslothBackend(PeftBackend):
     # Fused RMSNorm/RoPE/SwiGLU kernels, offloaded checkpoints, fused cross-entropy. Fitted to peaks measured on
     # an H100 (2026-11-25, packed rows of 2048, Qwen2-0.5B at micro-batch 1/2/4, bf16 and 4-bit, checkpointing on
     # and off; docs/BENCHMARKS.md, "Memory estimate"): 35.9 KB per token per layer in bf16, 32.4 KB on a 4-bit
-    # base, 0.37 GiB of cross-entropy workspace; no mask term. varlen_attention is decided in activate(): with
+    # base, 0.37 GiB of cross-entropy workspace; no mask term. varlen_attention (see varlen_by_default): with
     # torch 2.11 (the pinned set) unsloth runs flattened rows through one SDPA call per row per layer, which left
     # the step launch-bound (the code run on an H200, 2026-12-01, Qwen2-7B shape, 16 rows of ~370 tokens per step:
     # 1.0 s per step padding-free vs 0.53 s padded); app.attention.enable_unsloth_varlen gives it one varlen
-    # kernel call per layer instead, and unpacked rows are then flattened by default (FT_PADDING_FREE=auto).
+    # kernel call per layer instead (FT_PADDING_FREE=true; by default once varlen_by_default is on).
     memory = Profile(layer_bytes=(16.0, 0.0, 4.43), scale_4bit=0.90, checkpoint_keeps_inputs=False,
                      recompute_fraction=0.48, logits_bytes=4.0, logits_tokens_cap=650, fp32_embeddings_4bit=False,
                      varlen_attention=False)
+
+    # Whether FT_PADDING_FREE=auto flattens unpacked rows (and packed rows take app.attention's varlen kernel)
+    # without being asked: not until tests/test_gpu.py's unsloth padding-free test and a measured run have passed
+    # on a GPU (`scripts/gpu_session.sh varlen-unsloth`). Until then FT_PADDING_FREE=true opts in (load_model).
+    varlen_by_default = False
 
     def unavailable(self, hardware) -> str | None:
         if not hardware.cuda:
@@ -61,15 +66,20 @@ class UnslothBackend(PeftBackend):
                              TRITON_CACHE_DIR=f"{tmp}/triton_cache")
         import unsloth  # noqa: F401  (must precede transformers/peft/trl)
 
-        from app.attention import enable_unsloth_varlen
+        if self.varlen_by_default:
+            from app.attention import enable_unsloth_varlen
 
-        self.memory = dataclasses.replace(self.memory, varlen_attention=enable_unsloth_varlen())
+            self.memory = dataclasses.replace(self.memory, varlen_attention=enable_unsloth_varlen())
 
     def load_model(self, settings, model_path: Path, hardware, plan):
         from unsloth import FastLanguageModel
 
         from app.launch import local_rank, world_size
 
+        if settings.padding_free is True:  # asked for: one varlen kernel call per layer, not one SDPA call per row
+            from app.attention import enable_unsloth_varlen
+
+            enable_unsloth_varlen()
         model, _tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(model_path),
             max_seq_length=settings.max_seq_length,
