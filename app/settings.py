@@ -404,10 +404,10 @@ class Settings(BaseSettings):
         "auto",
         description="Unpacked rows flattened into one sequence per micro-batch instead of padded to the longest: the "
         "same examples per step and the same loss without the padding's compute. 'auto': where the backend's "
-        "attention takes flattened rows in one call (neither pinned backend's does by default: SDPA needs a dense "
-        "mask, unsloth on torch 2.11 makes one call per row, slower than padding). true on a CUDA GPU of compute "
-        "capability 8+ attends through torch's FlashAttention-2 varlen kernel, one call per layer, under both "
-        "backends (app/attention.py; not yet measured on a GPU). Packed rows are always padding-free.",
+        "attention takes flattened rows in one kernel call per layer: unsloth on a CUDA GPU of compute capability "
+        "8+, through torch's FlashAttention-2 varlen kernel (app/attention.py; 1.5x on the code run, H100); not "
+        "the hf backend, whose SDPA needs a dense mask. true on the hf backend on such a GPU attends through the "
+        "same kernel (not yet measured on a GPU). Packed rows are always padding-free.",
         json_schema_extra=facts(False),
     )
     num_gpus: int | None = Field(None, gt=0, description="GPUs to train on (data parallel); default: all visible.",

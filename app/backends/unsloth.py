@@ -38,15 +38,17 @@ class UnslothBackend(PeftBackend):
     # torch 2.11 (the pinned set) unsloth runs flattened rows through one SDPA call per row per layer, which left
     # the step launch-bound (the code run on an H200, 2026-12-01, Qwen2-7B shape, 16 rows of ~370 tokens per step:
     # 1.0 s per step padding-free vs 0.53 s padded); app.attention.enable_unsloth_varlen gives it one varlen
-    # kernel call per layer instead (FT_PADDING_FREE=true; by default once varlen_by_default is on).
+    # kernel call per layer instead (by default: varlen_by_default).
     memory = Profile(layer_bytes=(16.0, 0.0, 4.43), scale_4bit=0.90, checkpoint_keeps_inputs=False,
                      recompute_fraction=0.48, logits_bytes=4.0, logits_tokens_cap=650, fp32_embeddings_4bit=False,
                      varlen_attention=False)
 
-    # Whether FT_PADDING_FREE=auto flattens unpacked rows (and packed rows take app.attention's varlen kernel)
-    # without being asked: not until tests/test_gpu.py's unsloth padding-free test and a measured run have passed
-    # on a GPU (`scripts/gpu_session.sh varlen-unsloth`). Until then FT_PADDING_FREE=true opts in (load_model).
-    varlen_by_default = False
+    # FT_PADDING_FREE=auto flattens unpacked rows, and packed rows take app.attention's varlen kernel: measured on
+    # an H100 (2026-12-07, `scripts/gpu_session.sh varlen-unsloth sweep7`): the loss of a flattened micro-batch
+    # equals the padded one's (7.690863 vs 7.690884), one kernel call per layer; the code run's 45 steps train in
+    # 17.8 s instead of 27-30 s (14,800 vs ~9,400 tokens/s) at a lower peak (41.8 vs 59.1 GiB). False restores
+    # unsloth's own choice (padded unpacked rows; FT_PADDING_FREE=true still opts in, in load_model).
+    varlen_by_default = True
 
     def unavailable(self, hardware) -> str | None:
         if not hardware.cuda:
