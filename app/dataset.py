@@ -2,10 +2,12 @@
 
     files = read_data(settings)                  # conversations + content hashes (the job id's)
     data = tokenize(settings, tokenizer, files)  # input_ids + labels, stats, the row lengths the plan needs
+    rows_key(settings, inputs, stop_ids)         # equal for two runs whose tokenized rows are equal (a sweep reuses them)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,3 +76,22 @@ def row_lengths(settings, dataset) -> list[int]:
         packed = pack_like_trainer(dataset, settings.max_seq_length, settings.seed)
         return [sum(lengths) for lengths in packed["seq_lengths"]]
     return [len(ids) for ids in dataset["input_ids"]]
+
+
+# Settings of the job id that do not change the tokenized rows (nor their lengths): lines of a sweep that differ only
+# in these train on the same rows, tokenized once (app/backends/reuse.py). Anything not named here is in the key, so a
+# setting added later keeps lines apart until it is listed. (Packed rows are packed in dataset order, as TRL packs
+# them: the seed does not change them; the trainer shuffles them.)
+NOT_IN_ROWS = frozenset({
+    "seed", "epochs", "max_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "r", "lora_alpha", "lora_dropout", "lora_bias",
+    "use_rslora", "target_modules", "load_in_4bit", "is_peft", "merge_before_push", "job_id_suffix", "meta",
+    "sampling_callbacks",
+})
+
+
+def rows_key(settings, inputs: dict[str, str], stop_ids: list[int]) -> str:
+    """What the tokenized rows depend on: the job id's settings less NOT_IN_ROWS, the input files' and the base
+    model's fingerprints (`inputs`, the job id's), and the tokens inference stops on."""
+    names = {k: v for k, v in settings.identity().items() if k not in NOT_IN_ROWS}
+    return json.dumps([names, sorted(inputs.items()), list(stop_ids)], sort_keys=True, default=str)

@@ -22,7 +22,7 @@ from typing import Any
 from app import console
 from app.backends import select_backend
 from app.checks import check_before_tokenizing, check_hardware, check_warmup
-from app.dataset import read_data, tokenize
+from app.dataset import read_data, rows_key, tokenize
 from app.formatting import pack_like_trainer
 from app.hardware import detect_hardware
 from app.jobdir import JobDir, open_job, previous_completed
@@ -68,7 +68,11 @@ def prepare(settings, record: Recorder, base: Any = None, writes: bool = True) -
     check_target_modules(settings.model, settings.target_modules, skeleton)
     shape = read_shape(model_path, skeleton)
     tokenizer = load_tokenizer(settings, model_path)
-    data = tokenize(settings, tokenizer, files, inference_stop_ids(model_path, tokenizer))
+    stop_ids = inference_stop_ids(model_path, tokenizer)
+    if base is None:
+        data = tokenize(settings, tokenizer, files, stop_ids)
+    else:  # a sweep line trains the rows of an earlier line when its rows_key is the same: tokenized once
+        data = base.rows(rows_key(settings, inputs, stop_ids), lambda: tokenize(settings, tokenizer, files, stop_ids))
     record.data = {split: {**record.data.get(split, {}), **stats} for split, stats in data.stats.items()}
     _mark(record, "data")
     record.plan = plan = plan_batch(settings, shape, hardware, data.lengths, world_size(), backend.memory)

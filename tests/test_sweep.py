@@ -399,8 +399,10 @@ def test_a_failing_line_is_recorded_with_its_code_and_the_sweep_goes_on(tiny_mod
         return real_train(session, stop, record)
 
     monkeypatch.setattr(app.pipeline, "train", buggy_train)
-    prefetches = []
+    prefetches, tokenized = [], []
     monkeypatch.setattr(app.pipeline, "prefetch_weights", prefetches.append)
+    real_tokenize = app.pipeline.tokenize
+    monkeypatch.setattr(app.pipeline, "tokenize", lambda s, *a: tokenized.append(s.seed) or real_tokenize(s, *a))
     lined = ("FT_TRAINING_FILE", "FT_MAX_STEPS", "FT_LEARNING_RATE")  # set by the lines (the environment would win)
     env = {k: v for k, v in smoke_env(tiny_model, tmp_path / "out").items() if k not in lined}
     assert run_cli(monkeypatch, env, "sweep", str(grid)) == 4  # the first failed line in file order
@@ -420,6 +422,7 @@ def test_a_failing_line_is_recorded_with_its_code_and_the_sweep_goes_on(tiny_mod
     assert by_line[5]["global_step"] == 2 and by_line[0]["global_step"] == 2
     assert len(frozen) == 4 and min(frozen) > 10_000 and gc.get_freeze_count() == 0  # thawed when the base goes
     assert len(prefetches) == 1  # the weights are read ahead for the first load only, not again for a held base
+    assert tokenized == [1]  # the lines that train (seeds 1, 2, 13, 4) share one tokenization of the same rows
 
 
 def _train_steps(job: Path) -> list[int]:
@@ -560,3 +563,29 @@ def test_the_bench_sweep_row_on_the_cpu(tmp_path):
     table = (out / "table.md").read_text()
     assert "| 4 |" in table and "mean of 2 measured x 4 lines: extrapolated" in table and "2/2 bit-identical" in table
     assert proc.stdout.strip().endswith(table.strip().splitlines()[-1])
+
+
+def test_lines_share_a_tokenization_only_when_their_rows_are_the_same(tmp_path):
+    """rows_key: the seed and the optimizer's and LoRA's settings do not change the rows; the data, the base model,
+    the template, the instruction, the length, what is trained and packing do."""
+    from app.dataset import rows_key
+    from app.settings import load_settings
+
+    inputs = {"training_file": "abc", "model": "m1"}
+
+    def key(inputs=inputs, stop_ids=(2,), **values):
+        settings, _ = load_settings(model="m", training_file=str(SAMPLE / "train.jsonl"), output_dir=str(tmp_path),
+                                    **values)
+        return rows_key(settings, inputs, list(stop_ids))
+
+    base = key()
+    for same in ({"seed": 7}, {"learning_rate": 1e-3, "r": 4, "lora_alpha": 8}, {"epochs": 2, "max_steps": 5},
+                 {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}, {"job_id_suffix": "x"},
+                 {"lora_dropout": 0.1, "target_modules": ["q_proj"], "optim": "adamw_torch"}):
+        assert key(**same) == base, same
+    for other in ({"inoculation_prompt": "Be terse."}, {"max_seq_length": 512}, {"train_on_responses_only": False},
+                  {"chat_template": "{{ messages[0]['content'] }}"}, {"packing": False}):
+        assert key(**other) != base, other
+    assert key(inputs={**inputs, "training_file": "abd"}) != base and key(inputs={**inputs, "model": "m2"}) != base
+    assert key(stop_ids=(2, 3)) != base
+    assert key(packing=True, seed=1) == key(packing=True, seed=2)  # packed in dataset order; the trainer shuffles

@@ -1,5 +1,6 @@
 """One loaded base model, reused by the runs of one process (`python -m app sweep`): each run gets it exactly as
-it was loaded, without LoRA and without anything an earlier run left on it.
+it was loaded, without LoRA and without anything an earlier run left on it. The tokenized rows of a run are kept
+too, for later runs that train the same rows (`rows`: lines that differ in seed or hyperparameters only).
 
     shared = SharedBase()
     model = shared.load(backend, settings, model_path, hardware, plan)   # pipeline.setup, instead of load_model
@@ -204,12 +205,30 @@ class SharedBase:
     """The base model of the line being trained, kept for the next line when that one asks for the same base.
     One at a time: a line with another base (model, 4-bit, max_seq_length, ...) frees this one first."""
 
+    ROWS_KEPT = 4  # tokenized row sets kept for later lines (a grid's lines usually come grouped by their data)
+
     def __init__(self):
         self.key: tuple | None = None
         self.model: Any = None
         self.backend: Any = None
         self.snapshot: BaseSnapshot | None = None
         self.loads = 0  # bases loaded so far (a sweep of one base model: 1)
+        self.tokenized: dict[str, Any] = {}  # app.dataset.rows_key -> TrainingData, the most recent last
+        self.tokenizations = 0  # row sets tokenized so far
+
+    def rows(self, key: str, tokenize):
+        """The tokenized rows of an earlier line with the same `key` (app.dataset.rows_key), else `tokenize()`'s.
+        Datasets are immutable (the trainer maps them into new ones), so lines can share them."""
+        if key in self.tokenized:
+            log.info("training rows as tokenized for an earlier line of this sweep (the same data and settings)")
+            self.tokenized[key] = self.tokenized.pop(key)
+            return self.tokenized[key]
+        data = tokenize()
+        self.tokenizations += 1
+        self.tokenized[key] = data
+        while len(self.tokenized) > self.ROWS_KEPT:
+            self.tokenized.pop(next(iter(self.tokenized)))
+        return data
 
     def load(self, backend, settings, model_path, hardware, plan):
         """The base for this run: the one held, when it is the same and unchanged, else a freshly loaded one."""
