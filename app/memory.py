@@ -178,6 +178,25 @@ class Batch:
         rows = len(top)
         return cls(rows=rows, tokens=sum(top) if flat else rows * top[0], longest=top[0], flat=flat)
 
+    @classmethod
+    def drawn(cls, lengths: list[int], rows: int, flat: bool, seed: int, epochs: int) -> Batch:
+        """The largest micro-batch of `rows` rows that one process's trainer draws in `epochs` passes: its sampler
+        (accelerate's SeedableRandomSampler, data_seed = FT_SEED) orders pass e as torch.randperm(len(lengths))
+        from a generator seeded with seed + e and cuts that order into micro-batches of `rows`, the last one
+        shorter. tests/test_plan.py holds this against the job's own trainer."""
+        import torch
+
+        worst = None
+        for epoch in range(epochs):
+            order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            for start in range(0, len(order), rows):
+                chosen = [lengths[i] for i in order[start:start + rows]]
+                batch = cls(rows=len(chosen), tokens=sum(chosen) if flat else len(chosen) * max(chosen),
+                            longest=max(chosen), flat=flat)
+                if worst is None or (batch.tokens, batch.mask_elements) > (worst.tokens, worst.mask_elements):
+                    worst = batch
+        return worst
+
     @property
     def mask_elements(self) -> int:
         """Elements of the attention mask SDPA gets: block-diagonal over the flattened batch, or one per row."""

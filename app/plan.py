@@ -4,8 +4,9 @@ decided once, before any weight is loaded, into one immutable value that the bac
     plan = plan_batch(settings, shape, hardware, lengths, world, profile)   # pure: no I/O, no GPU
     require_fit(plan, ...)                                                  # exit 3 when it cannot fit
 
-The estimate is made for the worst micro-batch the trainer can build from the rows actually tokenized
-(`lengths`: tokens per training row, packed rows when packing), not for rows of FT_MAX_SEQ_LENGTH.
+The estimate is made for the largest micro-batch the trainer will draw from the rows actually tokenized
+(`lengths`: tokens per training row, packed rows when packing; `worst_batch`: the sampler's own order for FT_SEED),
+not for rows of FT_MAX_SEQ_LENGTH.
 Rules, each with a unit test in tests/test_plan.py:
 1. 8-bit optimizers need bitsandbytes on a CUDA GPU; elsewhere adamw_torch (an adjustment).
 2. FT_PER_DEVICE_TRAIN_BATCH_SIZE=auto keeps OpenWeights' effective batch (default micro-batch x accumulation,
@@ -23,6 +24,7 @@ Rules, each with a unit test in tests/test_plan.py:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -75,6 +77,24 @@ def _optimizer(settings, hardware) -> tuple[str, list[dict[str, Any]]]:
     return optimizer, []
 
 
+DRAWN_ROWS_MAX = 4_000_000  # rows over all passes up to which the drawn micro-batches are computed (a second or so)
+
+
+def worst_batch(settings, lengths: list[int], rows: int, flat: bool, world: int, accumulation: int) -> Batch:
+    """The largest micro-batch the trainer will draw from these rows (Batch.drawn: one process's sampler order,
+    every pass the run makes); the largest any order could form (Batch.worst) where that order is not known here:
+    several ranks (accelerate shards and evens out the batches), or more rows than DRAWN_ROWS_MAX to go through."""
+    if world > 1 or not lengths:
+        return Batch.worst(lengths, rows, flat)
+    passes = settings.epochs
+    if settings.max_steps:
+        steps_per_pass = math.ceil(math.ceil(len(lengths) / rows) / accumulation)
+        passes = math.ceil(settings.max_steps / steps_per_pass)
+    if passes * len(lengths) > DRAWN_ROWS_MAX:
+        return Batch.worst(lengths, rows, flat)
+    return Batch.drawn(lengths, rows, flat, settings.seed, passes)
+
+
 def plan_batch(settings, shape: Shape | None, hardware, lengths: list[int], world: int,
                profile: Profile) -> Plan:
     """The plan for these settings on this hardware and these training rows (see the module's rules)."""
@@ -90,8 +110,18 @@ def plan_batch(settings, shape: Shape | None, hardware, lengths: list[int], worl
     measurable = hardware.cuda and shape is not None and bool(lengths)
     budget = hardware.gpu.memory_free_gb * HEADROOM if hardware.cuda and hardware.gpu else None
 
+    drawn: dict[int, Batch] = {}
+    auto_micro, given_accumulation = micro == "auto", accumulation
+
+    def worst(batch_size: int) -> Batch:
+        if batch_size not in drawn:
+            per_step = (max(default_micro * given_accumulation // world // batch_size, 1) if auto_micro
+                        else given_accumulation)
+            drawn[batch_size] = worst_batch(settings, lengths, batch_size, padding_free, world, per_step)
+        return drawn[batch_size]
+
     def estimate(batch_size: int, checkpointing: bool) -> tuple[Batch, Estimate]:
-        batch = Batch.worst(lengths, batch_size, flat=padding_free)
+        batch = worst(batch_size)
         work = Workload(batch=batch, load_in_4bit=settings.load_in_4bit, r=settings.r,
                         target_modules=tuple(settings.target_modules), optimizer_8bit="8bit" in optimizer,
                         checkpointing=checkpointing)

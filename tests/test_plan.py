@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from app.backends import backend_class
 from app.devmodel import SHAPES
@@ -17,6 +18,7 @@ from app.hardware import GpuInfo, Hardware
 from app.memory import Batch, Shape, Workload, estimate_peak
 from app.plan import HEADROOM, plan_batch, require_fit
 from app.settings import load_settings
+from tests.conftest import SAMPLE
 
 QWEN7B = Shape.from_config({**SHAPES["qwen2-7b"], "model_type": "qwen2"})
 UNSLOTH = backend_class("unsloth").memory
@@ -130,7 +132,40 @@ def test_packed_rows_are_padding_free_and_unpacked_rows_are_padded(packing):
     plan = plan_batch(settings(packing=packing, per_device_train_batch_size=4), QWEN7B, gpu(140), ROWS, 1, UNSLOTH)
     assert plan.padding_free is packing
     top = sorted(ROWS, reverse=True)[:4]
-    assert plan.batch == Batch(rows=4, tokens=sum(top) if packing else 4 * top[0], longest=top[0], flat=packing)
+    drawn = [[ROWS[i] for i in order[k:k + 4]] for order in [sampler_order(len(ROWS), 3407)] for k in range(0, 32, 4)]
+    tokens = max(sum(rows) if packing else 4 * max(rows) for rows in drawn)
+    assert plan.batch.tokens == tokens <= (sum(top) if packing else 4 * top[0])  # the batches drawn, not any batch
+    assert plan.batch.flat is packing and plan.batch.rows == 4
+
+
+def sampler_order(count: int, seed: int) -> list[int]:
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.integration
+def test_the_plan_is_for_the_batches_the_trainer_draws(tiny_model, tmp_path):
+    """The micro-batches the plan predicts (Batch.drawn) are the ones the job's own trainer draws, pass after pass:
+    the same rows, in the same order, for the run's seed (accelerate's seedable sampler, data_seed = FT_SEED)."""
+    from app.pipeline import setup
+    from app.settings import load_settings
+    from app.signals import StopRequest
+    from app.trainer import build_trainer
+
+    settings, _ = load_settings(model=str(tiny_model), training_file=str(SAMPLE / "train.jsonl"), packing=False,
+                                output_dir=str(tmp_path), per_device_train_batch_size=3, seed=11, epochs=2)
+    session = setup(settings)
+    try:
+        lengths = session.prepared.data.lengths
+        loader = build_trainer(session, StopRequest()).trainer.get_train_dataloader()
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            drawn = [batch["attention_mask"].sum(dim=1).tolist() for batch in loader]
+            order = sampler_order(len(lengths), 11 + epoch)
+            assert drawn == [[lengths[i] for i in order[k:k + 3]] for k in range(0, len(order), 3)], epoch
+        padded = max(len(rows) * max(rows) for rows in drawn)
+        assert Batch.drawn(lengths, 3, False, 11, 2).tokens >= padded
+    finally:
+        session.close()
 
 
 def test_the_estimate_is_for_the_rows_tokenized_not_for_max_seq_length_rows():
@@ -174,3 +209,14 @@ def test_unpacked_rows_are_padding_free_where_the_attention_takes_them(setting, 
     plan = plan_batch(settings(padding_free=setting, per_device_train_batch_size=4), QWEN7B, gpu(140), ROWS, 1, profile)
     assert plan.padding_free is expected
     assert plan.batch.flat is expected
+
+
+def test_the_drawn_batches_cover_every_pass_of_the_run_and_several_ranks_keep_the_worst():
+    rows = list(range(100, 132))
+    one = plan_batch(settings(per_device_train_batch_size=4), QWEN7B, gpu(140), rows, 1, UNSLOTH).batch
+    assert one == Batch.drawn(rows, 4, False, 3407, 1)
+    # 20 steps of 4 rows over 32 rows: three passes (seeds 3407, 3408, 3409)
+    steps = plan_batch(settings(per_device_train_batch_size=4, max_steps=20), QWEN7B, gpu(140), rows, 1, UNSLOTH)
+    assert steps.batch == Batch.drawn(rows, 4, False, 3407, 3) and steps.batch.tokens >= one.tokens
+    two_ranks = plan_batch(settings(per_device_train_batch_size=4), QWEN7B, gpu(140), rows, 2, UNSLOTH).batch
+    assert two_ranks == Batch.worst(rows, 4, False)  # accelerate shards and evens out batches over ranks
