@@ -34,11 +34,11 @@ class UnslothBackend(PeftBackend):
     # Fused RMSNorm/RoPE/SwiGLU kernels, offloaded checkpoints, fused cross-entropy. Fitted to peaks measured on
     # an H100 (2026-11-25, packed rows of 2048, Qwen2-0.5B at micro-batch 1/2/4, bf16 and 4-bit, checkpointing on
     # and off; docs/BENCHMARKS.md, "Memory estimate"): 35.9 KB per token per layer in bf16, 32.4 KB on a 4-bit
-    # base, 0.37 GiB of cross-entropy workspace; no mask term. varlen_attention (see varlen_by_default): with
-    # torch 2.11 (the pinned set) unsloth runs flattened rows through one SDPA call per row per layer, which left
-    # the step launch-bound (the code run on an H200, 2026-12-01, Qwen2-7B shape, 16 rows of ~370 tokens per step:
+    # base, 0.37 GiB of cross-entropy workspace; no mask term. varlen_attention is set in activate(): with torch
+    # 2.11 (the pinned set) unsloth runs flattened rows through one SDPA call per row per layer, which left the
+    # step launch-bound (the code run on an H200, 2026-12-01, Qwen2-7B shape, 16 rows of ~370 tokens per step:
     # 1.0 s per step padding-free vs 0.53 s padded); app.attention.enable_unsloth_varlen gives it one varlen
-    # kernel call per layer instead (by default: varlen_by_default).
+    # kernel call per layer instead.
     memory = Profile(layer_bytes=(16.0, 0.0, 4.43), scale_4bit=0.90, checkpoint_keeps_inputs=False,
                      recompute_fraction=0.48, logits_bytes=4.0, logits_tokens_cap=650, fp32_embeddings_4bit=False,
                      varlen_attention=False)
