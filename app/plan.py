@@ -168,16 +168,20 @@ def what_fits(settings, shape: Shape, profile: Profile, plan: Plan, lengths: lis
         options.append("FT_LOAD_IN_4BIT=true")
     if not plan.checkpointing and total(checkpointing=True) <= plan.budget_gb:
         options.append("FT_GRADIENT_CHECKPOINTING=true (or auto)")
+    def drawn(rows: list[int], micro_batch: int) -> Batch:  # the suggested run keeps the effective batch
+        accumulation = max(plan.effective_batch // plan.world // micro_batch, 1)
+        return worst_batch(settings, rows, micro_batch, plan.padding_free, plan.world, accumulation)
+
     batch = plan.micro_batch // 2
     while batch >= 1:
-        if total(batch=Batch.worst(lengths, batch, plan.padding_free)) <= plan.budget_gb:
+        if total(batch=drawn(lengths, batch)) <= plan.budget_gb:
             options.append(f"FT_PER_DEVICE_TRAIN_BATCH_SIZE={batch} (raise FT_GRADIENT_ACCUMULATION_STEPS to keep "
                            "the effective batch)")
             break
         batch //= 2
     seq = min(settings.max_seq_length, plan.batch.longest) // 2
     while seq >= 256:
-        if total(batch=Batch.worst([min(n, seq) for n in lengths], plan.micro_batch, plan.padding_free)) <= plan.budget_gb:
+        if total(batch=drawn([min(n, seq) for n in lengths], plan.micro_batch)) <= plan.budget_gb:
             options.append(f"FT_MAX_SEQ_LENGTH={seq}")
             break
         seq //= 2

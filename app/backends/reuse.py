@@ -214,7 +214,6 @@ class SharedBase:
         self.snapshot: BaseSnapshot | None = None
         self.loads = 0  # bases loaded so far (a sweep of one base model: 1)
         self.tokenized: dict[str, Any] = {}  # app.dataset.rows_key -> TrainingData, the most recent last
-        self.tokenizations = 0  # row sets tokenized so far
 
     def rows(self, key: str, tokenize):
         """The tokenized rows of an earlier line with the same `key` (app.dataset.rows_key), else `tokenize()`'s.
@@ -224,7 +223,6 @@ class SharedBase:
             self.tokenized[key] = self.tokenized.pop(key)
             return self.tokenized[key]
         data = tokenize()
-        self.tokenizations += 1
         self.tokenized[key] = data
         while len(self.tokenized) > self.ROWS_KEPT:
             self.tokenized.pop(next(iter(self.tokenized)))

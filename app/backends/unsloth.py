@@ -43,13 +43,6 @@ class UnslothBackend(PeftBackend):
                      recompute_fraction=0.48, logits_bytes=4.0, logits_tokens_cap=650, fp32_embeddings_4bit=False,
                      varlen_attention=False)
 
-    # FT_PADDING_FREE=auto flattens unpacked rows, and packed rows take app.attention's varlen kernel: measured on
-    # an H100 (2026-12-07, `scripts/gpu_session.sh varlen-unsloth sweep7`): the loss of a flattened micro-batch
-    # equals the padded one's (7.690863 vs 7.690884), one kernel call per layer; the code run's 45 steps train in
-    # 17.8 s instead of 27-30 s (14,800 vs ~9,400 tokens/s) at a lower peak (41.8 vs 59.1 GiB). False restores
-    # unsloth's own choice (padded unpacked rows; FT_PADDING_FREE=true still opts in, in load_model).
-    varlen_by_default = True
-
     def unavailable(self, hardware) -> str | None:
         if not hardware.cuda:
             return "unsloth needs a CUDA GPU and none is visible; use FT_BACKEND=hf (or auto) to train on the CPU."
@@ -68,20 +61,19 @@ class UnslothBackend(PeftBackend):
                              TRITON_CACHE_DIR=f"{tmp}/triton_cache")
         import unsloth  # noqa: F401  (must precede transformers/peft/trl)
 
-        if self.varlen_by_default:
-            from app.attention import enable_unsloth_varlen
+        # Flattened rows (padding-free unpacked rows by default, packed rows) in one varlen kernel call per layer.
+        # Measured on an H100 (2026-12-07, `scripts/gpu_session.sh varlen-unsloth sweep7`): the loss of a flattened
+        # micro-batch equals the padded one's (7.690863 vs 7.690884), one call per layer; the code run's 45 steps
+        # train in 17.8 s instead of 27-30 s at a lower peak (41.8 vs 59.1 GiB).
+        from app.attention import enable_unsloth_varlen
 
-            self.memory = dataclasses.replace(self.memory, varlen_attention=enable_unsloth_varlen())
+        self.memory = dataclasses.replace(self.memory, varlen_attention=enable_unsloth_varlen())
 
     def load_model(self, settings, model_path: Path, hardware, plan):
         from unsloth import FastLanguageModel
 
         from app.launch import local_rank, world_size
 
-        if settings.padding_free is True:  # asked for: one varlen kernel call per layer, not one SDPA call per row
-            from app.attention import enable_unsloth_varlen
-
-            enable_unsloth_varlen()
         model, _tokenizer = FastLanguageModel.from_pretrained(
             model_name=str(model_path),
             max_seq_length=settings.max_seq_length,
