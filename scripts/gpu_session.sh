@@ -18,7 +18,9 @@
 # varlen (padding-free attention, app/attention.py: the kernel against per-row SDPA, padded vs padding-free loss
 # under hf and unsloth, packed vs unpacked under unsloth; varlen-unsloth: unsloth's test alone) · e2e-pf (the job padding-free, its default with the
 # varlen kernel, then padded) · e2e-hf (e2e with the
-# hf backend's row first, page cache warm: job-hf, job, ow, plain within E2E_S seconds).
+# hf backend's row first, page cache warm: job-hf, job, ow, plain within E2E_S seconds) · e2e3 (job, plain, ow,
+# page cache dropped, within E2E_S seconds) · profile (bench/profile.py: the grid's first lines phase by phase,
+# line 1 under cProfile and torch's profiler). DEADLINE=S ends the tests phase S seconds after the start.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -60,13 +62,20 @@ for p in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "uns
         print(f"{p}: not installed")
 import torch
 print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+import pathlib, transformers
+root = pathlib.Path(transformers.__file__).parent
+print("transformers bytecode:", len(list(root.rglob("*.pyc"))), "pyc for", len(list(root.rglob("*.py"))), "py")
 EOF
   } >"$OUT/env.txt" 2>&1
   note "env: $(grep -E '^(torch|unsloth|trl)==' "$OUT/env.txt" | tr '\n' ' ') ($(elapsed) s)"
 }
 
 phase_tests() {  # phase_tests [PYTEST-ARGS...]: all GPU tests, or a selection (-k ...)
-  timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -m gpu -rs -s --durations=20 tests/test_gpu.py \
+  local limit=${TESTS_TIMEOUT:-420}
+  # DEADLINE: seconds from the session's start by which the tests must end (what the call has left)
+  [ -n "${DEADLINE:-}" ] && limit=$((DEADLINE - $(elapsed)))
+  if [ "$limit" -lt 40 ]; then note "tests: skipped, ${limit} s left"; return; fi
+  timeout "$limit" python3 -m pytest -q -m gpu -rs -s --durations=20 tests/test_gpu.py \
     --junitxml="$OUT/gpu-tests.xml" \
     "${TEST_ARGS[@]}" >"$OUT/gpu-tests.log" 2>&1
   note "tests: exit $? :: $(tail -1 "$OUT/gpu-tests.log") ($(elapsed) s)"
@@ -173,6 +182,18 @@ phase_sweep() {  # phase_sweep NAME SHAPE SECONDS BENCH-ARGS...: the sweep row (
     "$name"/*/ftjob-*/result.json "$name"/*/ftjob-*/metrics.jsonl 2>/dev/null) 2>/dev/null
 }
 
+phase_profile() {  # bench/profile.py: the first PROFILE_LINES lines of the code grid, phase by phase; line 1 profiled
+  local m
+  m=$(model qwen2-7b)
+  timeout "${PROFILE_S:-300}" python3 -m bench.profile --out /tmp/profile --model "$m" --lines "${PROFILE_LINES:-3}" \
+    >"$OUT/profile.log" 2>&1
+  note "profile: exit $? ($(elapsed) s)"
+  sed -n '1,12p' /tmp/profile/profile.md >>"$SUMMARY" 2>/dev/null
+  cp /tmp/profile/profile.md "$OUT/" 2>/dev/null
+  tar -czf "$OUT/profile.tgz" -C /tmp profile/profile.json profile/grid.jsonl -C "$OUT" profile.log 2>/dev/null \
+    && rm -f "$OUT/profile.log"
+}
+
 phase_importprof() {  # where `import unsloth` spends its time, by function (cumulative)
   python3 -c "import cProfile, pstats; cProfile.run('import unsloth', '/tmp/import.prof'); \
 pstats.Stats('/tmp/import.prof').sort_stats('cumulative').print_stats(80)" >"$OUT/importprof.txt" 2>&1
@@ -256,6 +277,8 @@ for phase in "$@"; do
     e2e) phase_e2e e2e 540 --paths job,job-warm,plain,ow --drop-caches ;;
     varlen) TEST_ARGS=(-k "varlen or padding_free or packed_loss"); phase_tests ;;
     varlen-unsloth) TEST_ARGS=(-k "unsloth_padding_free"); phase_tests ;;
+    profile) phase_profile ;;
+    e2e3) phase_e2e e2e "${E2E_S:-360}" --paths job,plain,ow --drop-caches ;;
     e2e-pf) phase_e2e e2e-pf "${E2E_S:-330}" --paths job,job-padded --drop-caches ;;
     e2e-hf) phase_e2e e2e-hf "${E2E_S:-540}" --paths job-hf,job,ow,plain ;;
     importtime) phase_importtime ;;

@@ -80,3 +80,27 @@ def test_end_to_end_rows_train_the_same_run_and_time_it_whole(tmp_path):
         assert 0 < row["first_step_s"] < row["wall_s"] and 0 < row["train_s"] < row["wall_s"]
     table = (out / "table.md").read_text()
     assert "| job (hf) |" in table and "| plain |" in table and "1.00x" in table
+
+
+def test_the_profile_times_every_phase_of_each_sweep_line(tmp_path):
+    """bench/profile.py: the grid's first lines in one process on one shared base, each phase timed through the
+    job's own functions. The phases are disjoint parts of a line: together no longer than its wall time, training
+    the largest, and the base loaded once (the second line's `base` phase only checks the held one)."""
+    out = tmp_path / "profile"
+    cmd = [sys.executable, "-m", "bench.profile", "--out", str(out), "--shape", "tiny", "--models-dir",
+           str(tmp_path / "models"), "--conversations", "32", "--lines", "2", "--profile-line", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "profile.json").read_text())
+    assert [row["exit_code"] for row in result["lines"]] == [0, 0]
+    phases = ["prepare", "base", "lora", "trainer", "train", "save", "finish", "release"]
+    for row in result["lines"]:
+        assert set(phases) <= set(row["phases"]), row["phases"]
+        assert sum(row["phases"][p] for p in phases) <= row["wall_s"]
+        assert max(phases, key=row["phases"].get) == "train"
+        assert len(row["steps"]) == 2 and sum(row["steps"]) < row["phases"]["train"]
+    first, second = result["lines"]
+    assert second["phases"]["base"] < first["phases"]["base"]  # the held base, not a second load
+    assert "run_line" in result["cprofile"]
+    table = (out / "profile.md").read_text()
+    assert table.count("\n| 0 |") == table.count("\n| 1 |") == 1
