@@ -14,6 +14,7 @@ architecture-faithful model folder (app.devmodel), in a process of its own, time
   job-padded   the same with FT_PADDING_FREE=false (rows padded to the longest of their micro-batch)
   job-ckpt     the same with FT_GRADIENT_CHECKPOINTING=true
   job-hf       the same with FT_BACKEND=hf (transformers + PEFT inside the job)
+  job-hf-pf    the hf backend with FT_PADDING_FREE=true (its FlashAttention-2 varlen kernel, app/attention.py)
   plain        transformers + PEFT + TRL SFTTrainer as a careful user writes it, the same rows (bench/plain.py)
   ow           unsloth + TRL through openweights 0.14.0's own training code (its jobs/unsloth/training.py:
                train(), run on a validated_params of the same settings; bench/ow_style.py)
@@ -40,10 +41,11 @@ from typing import Any
 from bench.run import build_model, log_tail, probe_device, run_logged, say
 
 REPO = Path(__file__).resolve().parent.parent
-PATHS = ["job", "job-warm", "job-padfree", "job-padded", "job-ckpt", "job-hf", "plain", "ow"]
+PATHS = ["job", "job-warm", "job-padfree", "job-padded", "job-ckpt", "job-hf", "job-hf-pf", "plain", "ow"]
 JOB_VARIANTS = {"job": {}, "job-warm": {}, "job-padfree": {"FT_PADDING_FREE": "true"},
                 "job-padded": {"FT_PADDING_FREE": "false"},
-                "job-ckpt": {"FT_GRADIENT_CHECKPOINTING": "true"}, "job-hf": {"FT_BACKEND": "hf"}}
+                "job-ckpt": {"FT_GRADIENT_CHECKPOINTING": "true"}, "job-hf": {"FT_BACKEND": "hf"},
+                "job-hf-pf": {"FT_BACKEND": "hf", "FT_PADDING_FREE": "true"}}
 PRESET = REPO / "env" / "code.env"
 CONVERSATIONS = 717  # the published code data's size
 

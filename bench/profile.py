@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     grid = args.out / "grid.jsonl"
     grid.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     run_dir = args.out / "sweep"
-    import shutil
     import os
+    import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
     os.environ["FT_OUTPUT_DIR"] = str(run_dir)

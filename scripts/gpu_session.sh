@@ -40,7 +40,7 @@ export PYTHONPATH=/tmp/site:$PWD
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache TRITON_CACHE_DIR=/tmp/triton_cache
-MODELS=/tmp/models
+MODELS=${MODELS:-/tmp/models}  # MODELS=/dev/shm/models: written at memory speed (not for rows that drop the page cache)
 TEST_ARGS=()
 [ -n "${TESTS_K:-}" ] && TEST_ARGS=(-k "$TESTS_K")
 mkdir -p "$MODELS"
@@ -278,7 +278,8 @@ for phase in "$@"; do
     varlen) TEST_ARGS=(-k "varlen or padding_free or packed_loss"); phase_tests ;;
     varlen-unsloth) TEST_ARGS=(-k "unsloth_padding_free"); phase_tests ;;
     profile) phase_profile ;;
-    e2e3) phase_e2e e2e "${E2E_S:-360}" --paths job,plain,ow --drop-caches ;;
+    e2e3) phase_e2e e2e "${E2E_S:-$((${DEADLINE:-600} - $(elapsed) - 15))}" --paths "${E2E_PATHS:-job,plain,ow}" \
+      --drop-caches ;;
     e2e-pf) phase_e2e e2e-pf "${E2E_S:-330}" --paths job,job-padded --drop-caches ;;
     e2e-hf) phase_e2e e2e-hf "${E2E_S:-540}" --paths job-hf,job,ow,plain ;;
     importtime) phase_importtime ;;
