@@ -70,13 +70,22 @@ class Progress:
         finite = torch.isfinite(loss).all()
         self._finite = finite if self._finite is None else self._finite & finite
 
-    def step_finite(self) -> bool:
-        """Whether every micro-batch loss since the last call was finite (read once per optimizer step)."""
-        if self._finite is None:
-            return True
-        finite = bool(self._finite)
-        self._finite = None
-        return finite
+    def step_finite(self, stop_requested: bool = False) -> tuple[bool, bool]:
+        """(every micro-batch loss since the last call was finite, a stop was requested): read once per optimizer
+        step, in one sync. With several ranks, what all of them say: non-finite on any, a stop on any. Each rank
+        decides at the end of the step whether to stop there; a rank that stopped alone (a signal reaching it a
+        step before the others, a NaN in its own micro-batch) would leave the others waiting in the next step's
+        gradient all-reduce."""
+        finite, self._finite = self._finite, None
+        if world_size() > 1 and torch.distributed.is_initialized():
+            device = finite.device if finite is not None else _collective_device()
+            flags = torch.tensor([0.0, float(stop_requested)], device=device)
+            if finite is not None:
+                flags[0] = (~finite).float()
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            bad, stop = flags.tolist()
+            return bad == 0, stop > 0
+        return (True if finite is None else bool(finite)), stop_requested
 
     @staticmethod
     def _total(value, op: str) -> float:
@@ -117,6 +126,13 @@ class Progress:
                         checkpoint.name, TOTALS_FILE)
 
 
+def _collective_device() -> torch.device:
+    """Where this rank's collectives run: its GPU under NCCL, the CPU under gloo."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _batch_tokens(inputs) -> torch.Tensor | int:
     """Tokens of one micro-batch, padding excluded (padding-free batches have none)."""
     if "attention_mask" in inputs:
@@ -153,7 +169,10 @@ class ControlCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if not self.progress.step_finite():
+        finite, stop = self.progress.step_finite(self.stop.requested)
+        if stop and not self.stop.requested:  # another rank got the signal: this one stops at the same step
+            self.stop.signal_name = "another rank's signal"
+        if not finite:
             return self._fail(state, control, "loss")
         if state.global_step >= state.max_steps:
             control.should_log = True  # the last steps are logged even when logging_steps does not divide them

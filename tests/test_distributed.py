@@ -118,3 +118,45 @@ def test_a_rank_leaves_only_after_rank_0_has_finished_and_the_group_is_destroyed
     ranks = [json.loads((tmp_path / str(r)).read_text()) for r in (0, 1)]
     assert not any(r["grouped"] for r in ranks)
     assert ranks[1]["left"] - started >= 3 and ranks[1]["left"] >= ranks[0]["left"] - 1
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of one rank of `launcher` (its child process with RANK=rank)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} under pid {launcher.pid}")
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_model, tmp_path):
+    """Ranks agree at every optimizer step on whether to stop: a SIGTERM that reaches one rank only (or the ranks
+    at different moments, as a forwarded signal does) checkpoints all of them at the same step. A rank that
+    stopped alone would leave the others waiting in the next step's gradient all-reduce, and the checkpoint of
+    that step would never be published."""
+    settings = smoke_env(tiny_model, tmp_path, max_steps=40, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=1, save_steps=1000, optim="adamw_torch")
+    proc = _launch(settings)
+    deadline = time.monotonic() + 240
+    job = None
+    while time.monotonic() < deadline:
+        jobs = [p for p in tmp_path.glob("ftjob-*") if (p / "metrics.jsonl").exists()]
+        if jobs and len(_train_lines(jobs[0])) >= 3:
+            job = jobs[0]
+            break
+        time.sleep(0.2)
+    assert job is not None, "training did not start"
+    os.kill(_rank_pid(proc, 1), signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    result = read_result(tmp_path)
+    assert result["status"] == "interrupted" and result["error"]["exit_code"] == 75
+    checkpoints = sorted(job.glob("checkpoints/checkpoint-*"))
+    assert len(checkpoints) == 1 and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoints[0].iterdir()}
+    assert int(checkpoints[0].name.split("-")[1]) == result["outputs"]["global_step"] >= 3

@@ -88,4 +88,6 @@ def test_progress_carries_the_totals_of_earlier_sessions():
     progress.add(torch.tensor(0.25), 3)
     assert progress.loss_sum() == pytest.approx(5.75)
     assert progress.train_tokens() == 110 and progress.session_tokens() == 10
-    assert progress.step_finite() and progress.step_finite()  # read once per step, reset after
+    assert progress.step_finite() == progress.step_finite() == (True, False)  # read once per step, reset after
+    progress.add(torch.tensor(float("nan")), 1)
+    assert progress.step_finite(stop_requested=True) == (False, True) and progress.step_finite() == (True, False)
