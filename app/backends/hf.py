@@ -52,9 +52,11 @@ class HfBackend(PeftBackend):
     @staticmethod
     def attention(model_path: Path, settings) -> str:
         """app.attention's varlen kernel for flattened rows where FT_PADDING_FREE=true asks for it and the GPU and
-        the model allow it, else transformers' SDPA. Not yet the `auto` choice: the kernel is tested on the CPU
-        path only; tests/test_gpu.py and `scripts/gpu_session.sh varlen e2e-hf` measure it on a GPU, and `auto`
-        (this Profile's varlen_attention, no mask term) follows once they have passed."""
+        the model allow it, else transformers' SDPA. Not yet the `auto` choice: its GPU tests pass (H100,
+        2026-12-08: the kernel equals per-row SDPA forward and backward, the padding-free loss equals the padded
+        one), but its speed and peak memory have not been measured (`E2E_PATHS=job-hf-pf scripts/gpu_session.sh
+        e2e3`); `auto` (this Profile's varlen_attention, no mask term) follows once they are. Meanwhile the
+        estimate keeps the mask term for these rows: an overestimate, never a false fit."""
         from app import attention
 
         if settings.padding_free is not True or not attention.kernel_available():

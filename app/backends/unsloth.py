@@ -10,7 +10,9 @@ get_peft_model and the trainer set on the base besides (fused MLP forwards, atte
 max_seq_length and for_training/for_inference on every module, requires_grad and dtypes from its k-bit
 preparation, hooks, unsloth_version in the config) is put back from the snapshot taken after from_pretrained;
 from_pretrained's own inputs (sequence length, checkpointing) are in load_key. Read from unsloth's source, tested
-on the CPU through the hf backend; not yet run on a GPU.
+on the CPU through the hf backend; on a GPU, 20 lines of the code grid trained on one base (H100, 2026-12-08: no
+line found the base changed, prompt 0's losses equal to 4 decimals across two days), but no line has been compared
+with its standalone run there.
 """
 
 from __future__ import annotations
