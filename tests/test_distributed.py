@@ -35,6 +35,17 @@ def _train_lines(job) -> list[dict]:
     return [r for r in map(json.loads, (job / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+def _job_at_step_3(out: Path) -> Path:
+    """The job folder, once rank 0's metrics show step 3 (training is under way on every rank)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        jobs = [p for p in out.glob("ftjob-*") if (p / "metrics.jsonl").exists()]
+        if jobs and len(_train_lines(jobs[0])) >= 3:
+            return jobs[0]
+        time.sleep(0.2)
+    raise AssertionError("training did not start")
+
+
 def test_two_ranks_train_the_same_job_as_one_process(tiny_model, tmp_path):
     two = smoke_env(tiny_model, tmp_path / "two", max_steps=6, per_device_train_batch_size=2,
                     gradient_accumulation_steps=1, optim="adamw_torch")
@@ -66,15 +77,7 @@ def test_sigterm_checkpoints_all_ranks_and_a_rerun_resumes(tiny_model, tmp_path)
     settings = smoke_env(tiny_model, tmp_path, max_steps=40, per_device_train_batch_size=2,
                          gradient_accumulation_steps=1, save_steps=1000, optim="adamw_torch")
     proc = _launch(settings)
-    deadline = time.monotonic() + 240
-    job = None
-    while time.monotonic() < deadline:  # wait for step 3 in rank 0's metrics
-        jobs = [p for p in tmp_path.glob("ftjob-*") if (p / "metrics.jsonl").exists()]
-        if jobs and len(_train_lines(jobs[0])) >= 3:
-            job = jobs[0]
-            break
-        time.sleep(0.2)
-    assert job is not None, "training did not start"
+    job = _job_at_step_3(tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
@@ -143,15 +146,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_model, tmp_
     settings = smoke_env(tiny_model, tmp_path, max_steps=40, per_device_train_batch_size=2,
                          gradient_accumulation_steps=1, save_steps=1000, optim="adamw_torch")
     proc = _launch(settings)
-    deadline = time.monotonic() + 240
-    job = None
-    while time.monotonic() < deadline:
-        jobs = [p for p in tmp_path.glob("ftjob-*") if (p / "metrics.jsonl").exists()]
-        if jobs and len(_train_lines(jobs[0])) >= 3:
-            job = jobs[0]
-            break
-        time.sleep(0.2)
-    assert job is not None, "training did not start"
+    job = _job_at_step_3(tmp_path)
     os.kill(_rank_pid(proc, 1), signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
