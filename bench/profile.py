@@ -62,8 +62,9 @@ def install(timers: Timers, steps: list[float], profile: dict[str, Any]) -> None
     import app.pipeline
     import app.plots
     import app.trainer
-    from app.backends import base as backends_base
+    from app.backends.hf import HfBackend
     from app.backends.reuse import SharedBase
+    from app.backends.unsloth import UnslothBackend
 
     timers.wrap(app.pipeline, "prepare", "prepare")
     timers.wrap(SharedBase, "load", "base")
@@ -72,7 +73,7 @@ def install(timers: Timers, steps: list[float], profile: dict[str, Any]) -> None
     timers.wrap(app.artifacts, "save_model", "save")
     timers.wrap(app.pipeline, "finish", "finish")
     timers.wrap(app.plots, "write_loss_plot", "plot")
-    for cls in backend_classes(backends_base):
+    for cls in (HfBackend, UnslothBackend):  # importing the module imports no unsloth (activate() does)
         timers.wrap(cls, "add_lora", "lora")
 
     class StepClock(TrainerCallback):
@@ -103,21 +104,6 @@ def install(timers: Timers, steps: list[float], profile: dict[str, Any]) -> None
         return training
 
     app.trainer.build_trainer = build_trainer
-
-
-def backend_classes(module) -> list[type]:
-    """The backends' classes whose add_lora is the job's (the unsloth one only where it imports)."""
-    classes = []
-    from app.backends.hf import HfBackend
-
-    classes.append(HfBackend)
-    try:
-        from app.backends.unsloth import UnslothBackend
-
-        classes.append(UnslothBackend)
-    except ImportError:
-        pass
-    return [cls for cls in classes if "add_lora" in cls.__dict__] or [module.PeftBackend]
 
 
 def torch_tables(profiler, steps: int) -> dict[str, Any]:
@@ -165,7 +151,7 @@ def render(result: dict[str, Any]) -> str:
            "steps sum s |", "|---" * (len(PHASES) + 8) + "|"]
     for row in result["lines"]:
         phases = row["phases"]
-        other = row["wall_s"] - sum(phases.get(p, 0.0) for p in PHASES if p != "train") - phases.get("train", 0.0)
+        other = row["wall_s"] - sum(phases.get(p, 0.0) for p in PHASES)
         steps = row["steps"]
         cells = [f"{phases.get(p, 0.0):.2f}" for p in [*PHASES, "plot"]]
         out.append(f"| {row['line']} | {row['wall_s']:.2f} | " + " | ".join(cells) + f" | {other:.2f} | {len(steps)} | "
