@@ -73,19 +73,25 @@ def test_two_ranks_train_the_same_job_as_one_process(tiny_model, tmp_path):
     assert "[rank 1]" not in err or "INFO" not in err.split("[rank 1]")[1].split("\n")[0]
 
 
-def test_sigterm_checkpoints_all_ranks_and_a_rerun_resumes(tiny_model, tmp_path):
+def _interrupted_run(tiny_model, tmp_path, send) -> tuple[dict, Path, dict, int]:
+    """Two ranks, `send(launcher)` once step 3 is logged: the run exits 75 with result.json `interrupted` and one
+    checkpoint holding both ranks' RNG states. Returns the settings, the job folder, the result and that step."""
     settings = smoke_env(tiny_model, tmp_path, max_steps=40, per_device_train_batch_size=2,
                          gradient_accumulation_steps=1, save_steps=1000, optim="adamw_torch")
     proc = _launch(settings)
     job = _job_at_step_3(tmp_path)
-    proc.send_signal(signal.SIGTERM)
+    send(proc)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     result = read_result(tmp_path)
     assert result["status"] == "interrupted" and result["error"]["exit_code"] == 75
     checkpoints = sorted(job.glob("checkpoints/checkpoint-*"))
     assert len(checkpoints) == 1 and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoints[0].iterdir()}
-    stopped = int(checkpoints[0].name.split("-")[1])
+    return settings, job, result, int(checkpoints[0].name.split("-")[1])
+
+
+def test_sigterm_checkpoints_all_ranks_and_a_rerun_resumes(tiny_model, tmp_path):
+    settings, job, _, stopped = _interrupted_run(tiny_model, tmp_path, lambda proc: proc.send_signal(signal.SIGTERM))
     assert stopped >= 3
     rerun = _launch(settings)
     _, err = rerun.communicate(timeout=300)
@@ -143,15 +149,6 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_model, tmp_
     at different moments, as a forwarded signal does) checkpoints all of them at the same step. A rank that
     stopped alone would leave the others waiting in the next step's gradient all-reduce, and the checkpoint of
     that step would never be published."""
-    settings = smoke_env(tiny_model, tmp_path, max_steps=40, per_device_train_batch_size=2,
-                         gradient_accumulation_steps=1, save_steps=1000, optim="adamw_torch")
-    proc = _launch(settings)
-    job = _job_at_step_3(tmp_path)
-    os.kill(_rank_pid(proc, 1), signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err[-3000:]
-    result = read_result(tmp_path)
-    assert result["status"] == "interrupted" and result["error"]["exit_code"] == 75
-    checkpoints = sorted(job.glob("checkpoints/checkpoint-*"))
-    assert len(checkpoints) == 1 and {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoints[0].iterdir()}
-    assert int(checkpoints[0].name.split("-")[1]) == result["outputs"]["global_step"] >= 3
+    _, _, result, stopped = _interrupted_run(tiny_model, tmp_path,
+                                             lambda proc: os.kill(_rank_pid(proc, 1), signal.SIGTERM))
+    assert stopped == result["outputs"]["global_step"] >= 3
