@@ -42,7 +42,6 @@ class Session:
     completed: dict[str, Any] | None = None
     thaw: bool = False  # setup froze the heap after loading the base (reuse.freeze_heap): close() thaws it
 
-
     @property
     def settings(self):
         return self.prepared.settings

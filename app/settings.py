@@ -407,7 +407,8 @@ class Settings(BaseSettings):
         "attention takes flattened rows in one kernel call per layer: unsloth on a CUDA GPU of compute capability "
         "8+, through torch's FlashAttention-2 varlen kernel (app/attention.py; 1.5x on the code run, H100); not "
         "the hf backend, whose SDPA needs a dense mask. true on the hf backend on such a GPU attends through the "
-        "same kernel (not yet measured on a GPU). Packed rows are always padding-free.",
+        "same kernel (its GPU tests pass; its speed and memory are not yet measured). Packed rows are always "
+        "padding-free.",
         json_schema_extra=facts(False),
     )
     num_gpus: int | None = Field(None, gt=0, description="GPUs to train on (data parallel); default: all visible.",
