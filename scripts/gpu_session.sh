@@ -19,7 +19,7 @@
 # under hf and unsloth, packed vs unpacked under unsloth; varlen-unsloth: unsloth's test alone) · e2e-pf (the job padding-free, its default with the
 # varlen kernel, then padded) · e2e-hf (e2e with the
 # hf backend's row first, page cache warm: job-hf, job, ow, plain within E2E_S seconds) · e2e3 (job, plain, ow,
-# page cache dropped, within E2E_S seconds) · profile (bench/profile.py: the grid's first lines phase by phase,
+# page cache dropped unless E2E_DROP=0, within E2E_S seconds) · profile (bench/profile.py: the grid's first lines phase by phase,
 # line 1 under cProfile and torch's profiler). DEADLINE=S ends the tests phase S seconds after the start.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -281,7 +281,7 @@ for phase in "$@"; do
     varlen-unsloth) TEST_ARGS=(-k "unsloth_padding_free"); phase_tests ;;
     profile) phase_profile ;;
     e2e3) phase_e2e e2e "${E2E_S:-$((${DEADLINE:-600} - $(elapsed) - 15))}" --paths "${E2E_PATHS:-job,plain,ow}" \
-      --drop-caches ;;
+      $([ "${E2E_DROP:-1}" = 1 ] && echo --drop-caches) ;;
     e2e-pf) phase_e2e e2e-pf "${E2E_S:-330}" --paths job,job-padded --drop-caches ;;
     e2e-hf) phase_e2e e2e-hf "${E2E_S:-540}" --paths job-hf,job,ow,plain ;;
     importtime) phase_importtime ;;
