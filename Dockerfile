@@ -102,9 +102,9 @@ COPY app/ app/
 COPY deploy/entrypoint.py deploy/entrypoint.py
 COPY deploy/k8s/sweep-configs.jsonl deploy/k8s/sweep-configs.jsonl
 
-# Runtime defaults. Caches live on the /cache volume (HF downloads, compiled Triton/Inductor kernels survive the
-# container); unsloth's generated modules go to per-container /tmp, since concurrent jobs sharing a volume
-# would overwrite each other's files mid-import. No telemetry or statistics calls: unsloth's statistics ping
+# Runtime defaults. Caches live on the /cache volume (HF downloads, compiled Triton/Inductor kernels and Triton's
+# autotuning choices survive the container); unsloth's generated modules go to per-container /tmp, since
+# concurrent jobs sharing a volume would overwrite each other's files mid-import. No telemetry or statistics calls: unsloth's statistics ping
 # hangs or fails without a network. Set HF_HUB_OFFLINE=1 yourself where the hub is unreachable (the model must
 # then be in /cache/huggingface or a local folder). NCCL_NVLS_ENABLE=0 keeps NVLink multicast (NVLS) off in
 # multi-GPU runs. With a read-only root (`--read-only`), mount /cache as well as /output: importing torch's
@@ -116,6 +116,7 @@ ENV PYTHONPATH=/app \
     HF_HOME=/cache/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1 \
     TRITON_CACHE_DIR=/cache/triton \
+    TRITON_CACHE_AUTOTUNING=1 \
     TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache \
     UNSLOTH_DISABLE_STATISTICS=1 \

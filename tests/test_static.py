@@ -241,6 +241,7 @@ def test_the_job_image_runs_the_job_under_tini_as_a_non_root_user():
             if keyword == "ENV":
                 env.update(word.split("=", 1) for word in shlex.split(arguments))
     assert env["HF_HOME"].startswith("/cache/") and env["TRITON_CACHE_DIR"].startswith("/cache/")
+    assert env["TRITON_CACHE_AUTOTUNING"] == "1", "autotuning choices are cached with the kernels"
     assert env["UNSLOTH_COMPILE_LOCATION"] and env["UNSLOTH_DISABLE_STATISTICS"] == "1"
     assert env["NCCL_NVLS_ENABLE"] == "0", "NVLink multicast stays off"
     runs = " ".join(a for stage in _lineage() for k, a in stage["instructions"] if k == "RUN")

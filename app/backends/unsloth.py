@@ -57,10 +57,12 @@ class UnslothBackend(PeftBackend):
         from app.settings import set_library_defaults
 
         # Offline-safe defaults: no statistics ping to the hub; compiled kernels and the Triton cache in a
-        # writable place (the image's code folder is read-only to the non-root user).
+        # writable place (the image's code folder is read-only to the non-root user), with the autotuners' choices
+        # (TRITON_CACHE_AUTOTUNING: Triton's own switch, read when a kernel module is imported) kept beside the
+        # compiled kernels, so that a later run on the same card does not benchmark every config again.
         tmp = tempfile.gettempdir()
         set_library_defaults(UNSLOTH_DISABLE_STATISTICS="1", UNSLOTH_COMPILE_LOCATION=f"{tmp}/unsloth_compiled_cache",
-                             TRITON_CACHE_DIR=f"{tmp}/triton_cache")
+                             TRITON_CACHE_DIR=f"{tmp}/triton_cache", TRITON_CACHE_AUTOTUNING="1")
         import unsloth  # noqa: F401  (must precede transformers/peft/trl)
 
         # Flattened rows (padding-free unpacked rows by default, packed rows) in one varlen kernel call per layer.
