@@ -32,9 +32,14 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 elapsed() { echo $(($(date +%s) - started)); }
 
 if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
-  # Bytecode once, as the image's pip install writes it: no run below pays for compiling unsloth/TRL on import.
-  python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
+  # A follow-up call on the same warm machine finds the same wheels installed and skips this (about 25 s).
+  wheels=$(ls .whl/*.whl | md5sum | cut -d' ' -f1)
+  if [ "$(cat /tmp/site/.wheels 2>/dev/null)" != "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
+    # Bytecode once, as the image's pip install writes it: no run below pays for compiling unsloth/TRL on import.
+    python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1
+    echo "$wheels" >/tmp/site/.wheels
+  fi
 fi
 export PYTHONPATH=/tmp/site:$PWD
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
