@@ -15,6 +15,8 @@ architecture-faithful model folder (app.devmodel), in a process of its own, time
   job-ckpt     the same with FT_GRADIENT_CHECKPOINTING=true
   job-hf       the same with FT_BACKEND=hf (transformers + PEFT inside the job)
   job-hf-pf    the hf backend with FT_PADDING_FREE=true (its FlashAttention-2 varlen kernel, app/attention.py)
+  job-4bit     the job on a 4-bit (NF4) base: FT_LOAD_IN_4BIT=true
+  job-4bit-padded   the same with FT_PADDING_FREE=false (the 4-bit run of issue 18's table, padded rows)
   plain        transformers + PEFT + TRL SFTTrainer as a careful user writes it, the same rows (bench/plain.py)
   ow           unsloth + TRL through openweights 0.14.0's own training code (its jobs/unsloth/training.py:
                train(), run on a validated_params of the same settings; bench/ow_style.py)
@@ -41,11 +43,13 @@ from typing import Any
 from bench.run import build_model, log_tail, probe_device, run_logged, say
 
 REPO = Path(__file__).resolve().parent.parent
-PATHS = ["job", "job-warm", "job-padfree", "job-padded", "job-ckpt", "job-hf", "job-hf-pf", "plain", "ow"]
+PATHS = ["job", "job-warm", "job-padfree", "job-padded", "job-ckpt", "job-hf", "job-hf-pf", "job-4bit",
+         "job-4bit-padded", "plain", "ow"]
 JOB_VARIANTS = {"job": {}, "job-warm": {}, "job-padfree": {"FT_PADDING_FREE": "true"},
                 "job-padded": {"FT_PADDING_FREE": "false"},
                 "job-ckpt": {"FT_GRADIENT_CHECKPOINTING": "true"}, "job-hf": {"FT_BACKEND": "hf"},
-                "job-hf-pf": {"FT_BACKEND": "hf", "FT_PADDING_FREE": "true"}}
+                "job-hf-pf": {"FT_BACKEND": "hf", "FT_PADDING_FREE": "true"}, "job-4bit": {"FT_LOAD_IN_4BIT": "true"},
+                "job-4bit-padded": {"FT_LOAD_IN_4BIT": "true", "FT_PADDING_FREE": "false"}}
 PRESET = REPO / "env" / "code.env"
 CONVERSATIONS = 717  # the published code data's size
 

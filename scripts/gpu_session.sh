@@ -12,6 +12,7 @@
 # baseline with and without PEFT's float32 upcast, the job's hf backend; 12 steps) · importtime, importprof ·
 # e2e (bench/e2e.py: the code preset end to end, job vs plain TRL vs OpenWeights-style; needs .owjob/, the
 # openweights 0.14.0 wheel's jobs/unsloth folder) · survey (job variants and the OpenWeights path, 10 steps) ·
+# survey4 (the job on a 4-bit base, padding-free and padded, 10 steps: unpacked 4-bit peaks beside the estimate) ·
 # model7 (build the Qwen2-7B shape's folder only) · sweep7 (bench/sweep.py: the 24-line code grid through
 # `python -m app sweep` on one GPU, then standalone runs of 3 of its lines while the 10-minute call lasts) ·
 # sweep7-alone (the 3 standalone runs only, compared with the sweep7 of an earlier call on the same machine) ·
@@ -281,6 +282,7 @@ for phase in "$@"; do
     sweep7-alone) phase_sweep sweep7 qwen2-7b 570 --prompts 6 --seeds 4 --standalone 3 --skip-sweep ;;
     refuse) phase_refuse ;;
     survey) phase_e2e survey 300 --paths job,job-padfree,job-ckpt,ow --max-steps 10 ;;
+    survey4) phase_e2e survey4 "${E2E_S:-240}" --paths job-4bit,job-4bit-padded --max-steps 10 ;;
     e2e) phase_e2e e2e 540 --paths job,job-warm,plain,ow --drop-caches ;;
     varlen) TEST_ARGS=(-k "varlen or padding_free or packed_loss"); phase_tests ;;
     varlen-unsloth) TEST_ARGS=(-k "unsloth_padding_free"); phase_tests ;;
