@@ -22,7 +22,7 @@
 # varlen kernel, then padded) · e2e-hf (e2e with the
 # hf backend's row first, page cache warm: job-hf, job, ow, plain within E2E_S seconds) · e2e3 (job, plain, ow,
 # page cache dropped unless E2E_DROP=0, within E2E_S seconds) · profile (bench/profile.py: the grid's first lines phase by phase,
-# line 1 under cProfile and torch's profiler). DEADLINE=S ends the tests phase S seconds after the start.
+# line 1 under cProfile and torch's profiler). DEADLINE=S ends the tests and sweep phases S seconds after the start.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -198,6 +198,8 @@ phase_sweep() {  # phase_sweep NAME SHAPE SECONDS BENCH-ARGS...: the sweep row (
   shift 3
   model "$shape" >/dev/null  # built once (bench/run.py's folder); its time comes off the budget
   local budget=$((limit - (SECONDS - t0)))
+  # DEADLINE: seconds from the session's start by which the sweep must have ended, its 30 s of grace included
+  [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - $(elapsed) - 30)) -lt "$budget" ] && budget=$((DEADLINE - $(elapsed) - 30))
   # /tmp/$name stays on the machine: sweep7-alone compares its standalone runs with this sweep's adapters.
   timeout $((budget + 30)) python3 -m bench.sweep --out "/tmp/$name" --shape "$shape" --models-dir "$MODELS" \
     --budget "$budget" "$@" >"$OUT/$name.log" 2>&1
