@@ -25,6 +25,9 @@
 #                 .ci/compose.cpu.yml removing the GPU reservation and the memlock ulimit: completed. 4 steps
 #                 (FT_MAX_STEPS), since step 6 has trained the whole smoke job already: this one proves the
 #                 service's plumbing (env file, volumes, entrypoint), at a sixth of the time.
+#   8. sweep      `docker compose run --rm train sweep FILE` as the README has it: a 2-line grid (seeds 1 and 2
+#                 over env/smoke.env, 2 steps each) in the mounted /output; sweep.json must say both completed on
+#                 one loaded base, each with its adapter, beside sweep.md and sweep.png.
 #
 # Writes .cache/test-image/summary.txt (times, image sizes). Variables: TEST_IMAGE_STATE (default
 # .cache/test-image), KEEP_IMAGES=1 (keep this run's images; by default they stay for the layer cache anyway and
@@ -204,6 +207,28 @@ fresh_folder "$compose_out"
 ENV_FILE=env/smoke.env OUTPUT_DIR=$compose_out IMAGE=$IMAGE compose run --rm -T -e FT_MAX_STEPS=4 train \
     || fail "compose run train exited $?"
 check_result "$compose_out" "compose run train:" || fail "compose train: result.json"
+passed=$((passed + 1))
+
+# --- 8. compose sweep ----------------------------------------------------------------------------------------------
+step sweep
+sweep_out=$STATE/sweep-output
+fresh_folder "$sweep_out"
+printf '%s\n' '{"seed": 1}' '{"seed": 2}' >"$sweep_out/grid.jsonl"
+ENV_FILE=env/smoke.env OUTPUT_DIR=$sweep_out IMAGE=$IMAGE compose run --rm -T -e FT_MAX_STEPS=2 train \
+    sweep /output/grid.jsonl || fail "compose run train sweep exited $?"
+python3 - "$sweep_out" <<'EOF' || fail "compose sweep: sweep.json"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+summary = json.loads((out / "sweep.json").read_text())
+lines = summary["lines"]
+print("compose run train sweep:", summary["counts"], "exit", summary["exit_code"], "base loads", summary["base_loads"])
+assert summary["exit_code"] == 0 and [line["status"] for line in lines] == ["completed", "completed"], summary
+assert summary["base_loads"] == 1, "the two lines share one loaded base"
+assert len({line["job_id"] for line in lines}) == 2, "two seeds, two jobs"
+for line in lines:
+    assert (out / line["job_id"] / "adapter" / "adapter_model.safetensors").is_file(), line["job_id"]
+assert (out / "sweep.md").is_file() and (out / "sweep.png").is_file()
+EOF
 passed=$((passed + 1))
 
 # --- summary ---------------------------------------------------------------------------------------------------------
