@@ -61,9 +61,19 @@ build:  ## build the GPU image
 train:  ## train with docker compose (ENV_FILE=env/code.env), data in ./data, results in ./output
 	mkdir -p data $(OUTPUT) && ENV_FILE=$(ENV_FILE) OUTPUT_DIR=$(abspath $(OUTPUT)) docker compose run --rm train
 
-bench:  ## job vs plain transformers+PEFT+TRL vs OpenWeights: end to end, throughput, the sweep row (GPU, ~45 min)
+# openweights 0.14.0's own training code (its wheel's openweights/jobs/unsloth/), for bench/e2e.py's `ow` path: from
+# PyPI, into the cache the parity tests use (tests/owpkg.py). OW_DIR=folder instead, on a host without PyPI.
+OW_JOBS := .cache/openweights/jobs-unsloth
+$(OW_JOBS)/training.py:
+	$(PYTHON) -m pip download -q --no-deps --disable-pip-version-check openweights==0.14.0 -d .cache/openweights
+	$(PYTHON) -c 'import glob, pathlib, sys, zipfile; out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True); \
+	  z = zipfile.ZipFile(glob.glob(".cache/openweights/openweights-0.14.0-*.whl")[0]); \
+	  [(out / pathlib.Path(n).name).write_bytes(z.read(n)) for n in z.namelist() \
+	   if n.startswith("openweights/jobs/unsloth/") and n.endswith(".py") and n.count("/") == 3]' $(OW_JOBS)
+
+bench: $(if $(OW_DIR),,$(OW_JOBS)/training.py)  ## job vs plain transformers+PEFT+TRL vs OpenWeights: end to end, throughput, the sweep row (GPU, ~45 min)
 	$(PYTHON) -m bench.e2e --out bench/results/e2e --shape qwen2-7b --paths job,job-warm,plain,ow --drop-caches \
-	  --ow-dir $${OW_DIR:?the openweights 0.14.0 wheel's openweights/jobs/unsloth folder (bench/e2e.py)}
+	  --ow-dir $(or $(OW_DIR),$(OW_JOBS))
 	$(PYTHON) -m bench.run --out bench/results --shapes qwen2-7b,qwen2-0.5b --modes bf16,4bit \
 	  --paths job,job-ckpt,baseline,baseline-noupcast --warmup 4 --steps 8 --micro-batch 2 --accum 4
 	$(PYTHON) -m bench.sweep --out bench/results/sweep --shape qwen2-7b --prompts 6 --seeds 4 --standalone 3
