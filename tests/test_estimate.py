@@ -1,10 +1,11 @@
 """The preflight's memory estimate (app/memory.py, the backends' profiles) against peaks measured on a GPU.
 
-tests/memory_measurements.jsonl holds every peak (torch.cuda.max_memory_allocated, packed rows) measured on
-the lent H100 on 2026-11-25, each with where it came from: the memory probes of both backends, the GPU tests
-and the benchmark tables (docs/BENCHMARKS.md, "Memory estimate"). The estimate is computed here from the same
-architecture (app.devmodel's shapes) without a GPU, so a change to the coefficients that stops matching what
-the card measured fails on every machine, not only on the next GPU session.
+tests/memory_measurements.jsonl holds the peaks (torch.cuda.max_memory_allocated) measured on the lent H100s and
+H200s since 2026-11-25, packed rows and unpacked ones (padded or flattened, with the run's worst micro-batch), each
+with where it came from: the memory probes of both backends, the GPU tests, the benchmark, e2e and sweep tables
+(docs/BENCHMARKS.md, "Memory estimate", which also lists the peaks left out and why). The estimate is computed
+here from the same architecture (app.devmodel's shapes) without a GPU, so a change to the coefficients that stops
+matching what the card measured fails on every machine, not only on the next GPU session.
 """
 
 from __future__ import annotations
