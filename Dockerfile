@@ -103,11 +103,11 @@ COPY deploy/entrypoint.py deploy/entrypoint.py
 COPY deploy/k8s/sweep-configs.jsonl deploy/k8s/sweep-configs.jsonl
 
 # Runtime defaults. Caches live on the /cache volume (HF downloads, compiled Triton/Inductor kernels and Triton's
-# autotuning choices survive the container); unsloth's generated modules go to per-container /tmp, since
-# concurrent jobs sharing a volume would overwrite each other's files mid-import. No telemetry or statistics
-# calls: unsloth's statistics ping hangs or fails without a network. Set HF_HUB_OFFLINE=1 yourself where the hub is unreachable (the model must
-# then be in /cache/huggingface or a local folder). NCCL_NVLS_ENABLE=0 keeps NVLink multicast (NVLS) off in
-# multi-GPU runs. With a read-only root (`--read-only`), mount /cache as well as /output: importing torch's
+# autotuning choices survive the container); unsloth's generated modules go to per-container /tmp, since concurrent
+# jobs sharing a volume would overwrite each other's files mid-import. No telemetry or statistics calls: unsloth's
+# statistics ping hangs or fails without a network. Set HF_HUB_OFFLINE=1 yourself where the hub is unreachable (the
+# model must then be in /cache/huggingface or a local folder). NCCL_NVLS_ENABLE=0 keeps NVLink multicast (NVLS) off
+# in multi-GPU runs. With a read-only root (`--read-only`), mount /cache as well as /output: importing torch's
 # compiler (transformers does) creates TORCHINDUCTOR_CACHE_DIR, and /tmp wants a tmpfs.
 ENV PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
