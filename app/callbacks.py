@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from app.data import load_conversations
-from app.formatting import IGNORE, Formatter, encode_all
+from app.formatting import IGNORE, Formatter, check_embedding, encode_all
 from app.jobdir import append_jsonl
 
 log = logging.getLogger(__name__)
@@ -162,19 +162,36 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def prompts_of(path) -> list[list[dict]]:
-    """Each conversation of a file (role and content), a trailing assistant message included as the prefill."""
+def prompts_of(path, tokenizer, embedding_rows: int | None = None) -> list[list[dict]]:
+    """Each conversation of a file (role and content), a trailing assistant message included as the prefill;
+    refused (DataError, naming the line) where its rendered prompt has a token past the model's embedding."""
     conversations = load_conversations(path, "FT_SAMPLING_CALLBACKS", require_assistant=False)
-    return [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in conversations]
+    prompts = [[{"role": m["role"], "content": m["content"]} for m in c.messages] for c in conversations]
+    if embedding_rows is not None:
+        for conversation, messages in zip(conversations, prompts, strict=True):
+            ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+            check_embedding(tokenizer, ids, embedding_rows, conversation.source)
+    return prompts
 
 
-def research_callbacks(settings, tokenizer, job, backend, stop_ids: list[int]) -> list[TrainerCallback]:
+def research_callbacks(settings, tokenizer, job, backend, stop_ids: list[int],
+                       embedding_rows: int | None = None) -> list[TrainerCallback]:
     """Rank 0 alone measures and samples (on its own copy of the weights): one metrics and samples file."""
     from app.launch import is_main
 
     callbacks: list[TrainerCallback] = []
     if not is_main():
         return callbacks
+    for name, path in settings.logp_callback_datasets.items():
+        formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only, stop_ids=stop_ids,
+                              embedding_rows=embedding_rows)
+        examples = encode_all(formatter, load_conversations(path, f"FT_LOGP_CALLBACK_DATASETS[{name}]"))
+        callbacks.append(LogpCallback(name, examples, tokenizer, settings.eval_every_n_steps,
+                                      settings.eval_batch_size, job.metrics, backend.inference_mode))
+    for config in settings.sampling_callbacks:
+        callbacks.append(SamplingCallback(config, prompts_of(config.dataset, tokenizer, embedding_rows), tokenizer,
+                                          job.samples, backend.inference_mode))
+    return callbacks
     for name, path in settings.logp_callback_datasets.items():
         formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only, stop_ids=stop_ids)
         examples = encode_all(formatter, load_conversations(path, f"FT_LOGP_CALLBACK_DATASETS[{name}]"))

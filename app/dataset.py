@@ -47,22 +47,26 @@ def read_data(settings) -> DataFiles:
     return DataFiles(train=train, test=test, hashes=hashes)
 
 
-def tokenize(settings, tokenizer, files: DataFiles, stop_ids: list[int]) -> TrainingData:
+def tokenize(settings, tokenizer, files: DataFiles, stop_ids: list[int],
+             embedding_rows: int | None = None) -> TrainingData:
     """The training rows (the inoculation instruction added: training data only, never test_file) and the
     evaluation rows, with the loss on the assistant's tokens through a token inference stops on (`stop_ids`:
-    app/tokenizer.py inference_stop_ids)."""
+    app/tokenizer.py inference_stop_ids). A row with a token id at or past `embedding_rows` (the model's
+    vocab_size) is bad data (app.formatting.check_embedding)."""
     conversations = [
         Conversation(messages=apply_inoculation(c.messages, settings.inoculation_prompt, settings.inoculation_position),
                      source=c.source, extra=c.extra)
         for c in files.train
     ]
-    formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only, stop_ids=stop_ids)
+    formatter = Formatter(tokenizer, settings.max_seq_length, settings.train_on_responses_only, stop_ids=stop_ids,
+                          embedding_rows=embedding_rows)
     train = to_dataset(encode_all(formatter, conversations))
     log_stats("training data", formatter.stats, settings.max_seq_length)
     stats = {"train": formatter.stats.as_dict()}
     evaluation = None
     if files.test:
-        eval_formatter = Formatter(tokenizer, settings.max_seq_length, train_on_responses_only=True, stop_ids=stop_ids)
+        eval_formatter = Formatter(tokenizer, settings.max_seq_length, train_on_responses_only=True, stop_ids=stop_ids,
+                                   embedding_rows=embedding_rows)
         evaluation = to_dataset(encode_all(eval_formatter, files.test))
         log_stats("test data", eval_formatter.stats, settings.max_seq_length)
         stats["test"] = eval_formatter.stats.as_dict()

@@ -139,6 +139,7 @@ class Formatter:
     train_on_responses_only: bool = True
     stats: DatasetStats = field(default_factory=DatasetStats)
     stop_ids: Sequence[int] | None = None
+    embedding_rows: int | None = None  # the model's vocab_size: an id at or past it has no embedding (None: unchecked)
     _no_system_role: bool | None = None
 
     def __post_init__(self):
@@ -346,6 +347,7 @@ class Formatter:
         for number, (text, spans) in enumerate(rows):
             example = self._truncate(self._tokenize(text, spans, source))
             if example is not None:
+                check_embedding(self.tokenizer, example.input_ids, self.embedding_rows, source)
                 encoded.append(example)
             elif len(rows) > 1:
                 # Per-answer rows: each shows more history than the one before, so once an answer starts past
@@ -481,6 +483,23 @@ def apply_inoculation(messages: list[dict], prompt: str | None, position: str) -
             message["content"] = f"{prompt}\n{message['content']}"
             return messages
     raise DataError("FT_INOCULATION_POSITION=user_prefix needs a user message in every conversation")
+
+
+def check_embedding(tokenizer, ids: Sequence[int], rows: int | None, source: str) -> None:
+    """A token id at or past the model's embedding rows (a tokenizer with tokens added after the weights were saved)
+    indexes past the embedding matrix: an IndexError on the CPU, a device-side assert on a GPU that leaves the whole
+    process's CUDA context unusable (a sweep's later lines with it). Refused as bad data, with the remedy."""
+    if rows is None or not ids or max(ids) < rows:
+        return
+    past = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i >= rows)
+    examples = ", ".join(f"{t!r} = {i}" for i, t in past[:3]) + (", ..." if len(past) > 3 else "")
+    raise DataError(
+        f"{source}: its tokens include ids the model has no embedding for: the model's config.json "
+        f"has vocab_size {rows}, and {len(past)} of the tokenizer's {len(tokenizer)} tokens have ids from {rows} up "
+        f"({examples}). The tokenizer does not belong to these weights: train with the model's own tokenizer, or "
+        "resize the model's embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save "
+        "the model before training."
+    )
 
 
 MAX_REPORTED = 20  # kinds of problem listed in one error (identical messages grouped); every example is counted

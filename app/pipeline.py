@@ -69,10 +69,12 @@ def prepare(settings, record: Recorder, base: Any = None, writes: bool = True) -
     shape = read_shape(model_path, skeleton)
     tokenizer = load_tokenizer(settings, model_path)
     stop_ids = inference_stop_ids(model_path, tokenizer)
+    rows = shape.vocab if shape else None  # the embedding's rows: a token id past them is refused as bad data
     if base is None:
-        data = tokenize(settings, tokenizer, files, stop_ids)
+        data = tokenize(settings, tokenizer, files, stop_ids, rows)
     else:  # a sweep line trains the rows of an earlier line when its rows_key is the same: tokenized once
-        data = base.rows(rows_key(settings, inputs, stop_ids), lambda: tokenize(settings, tokenizer, files, stop_ids))
+        data = base.rows(rows_key(settings, inputs, stop_ids),
+                         lambda: tokenize(settings, tokenizer, files, stop_ids, rows))
     record.data = {split: {**record.data.get(split, {}), **stats} for split, stats in data.stats.items()}
     _mark(record, "data")
     record.plan = plan = plan_batch(settings, shape, hardware, data.lengths, world_size(), backend.memory)

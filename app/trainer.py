@@ -429,7 +429,8 @@ def build_trainer(session, stop: StopRequest) -> Training:
         callbacks=[ControlCallback(stop, progress, failure), CheckpointCallback(job, progress), metrics],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw dicts; MetricsCallback logs a readable line
-    for callback in [*research_callbacks(settings, prepared.tokenizer, job, backend, prepared.data.stop_ids),
+    rows = prepared.shape.vocab if prepared.shape else None  # the embedding's rows (app.formatting.check_embedding)
+    for callback in [*research_callbacks(settings, prepared.tokenizer, job, backend, prepared.data.stop_ids, rows),
                      *cadence_callbacks()]:  # app/cadence.py: progress, cadence on resume, eval off the RNG (last)
         trainer.add_callback(callback)
     return Training(trainer, progress, metrics, failure)

@@ -101,6 +101,27 @@ def _token_in_model(ctx: Ctx) -> dict:
     return {"model": token}
 
 
+ADDED = ["<zz1>", "<zz2>", "<zz3>"]  # tokens added to the tiny model's tokenizer after its weights were saved
+PAST_EMBEDDING = row({"role": "user", "content": "hi <zz1>"}, {"role": "assistant", "content": "ok <zz3>"})
+
+
+def _tokens_added(ctx: Ctx) -> Path:
+    """The tiny model with a tokenizer that has 3 tokens past its embedding's 2048 rows (added, not resized)."""
+    from transformers import AutoTokenizer
+
+    folder = ctx.model_copy(without=("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(ctx.model)
+    tokenizer.add_tokens(ADDED)
+    tokenizer.save_pretrained(folder)
+    assert (folder / "tokenizer.json").is_file() and not (folder / "tokenizer.json").is_symlink()
+    return folder
+
+
+def _sampling_prompt_past_embedding(ctx: Ctx) -> dict:
+    prompts = ctx.lines(GOOD, row({"role": "user", "content": "say <zz2>"}), name="prompts.jsonl")
+    return {"model": _tokens_added(ctx), "sampling_callbacks": json.dumps([{"dataset": str(prompts), "eval_steps": 1}])}
+
+
 def _fifo(ctx: Ctx, name: str) -> Path:
     path = ctx.tmp / name
     os.mkfifo(path)
@@ -203,6 +224,17 @@ CASES = [
          ("FT_MODEL=nobody-org/no-such-model", "offline")),
     Case("tokenizer-without-chat-template", lambda ctx: {"model": ctx.model_copy(without=("chat_template.jinja",))}, 2,
          ("FT_CHAT_TEMPLATE", "no chat template")),
+    Case("tokenizer-ids-past-the-embedding",
+         lambda ctx: {"model": _tokens_added(ctx), "training_file": ctx.lines(GOOD, PAST_EMBEDDING)}, 2,
+         ("{train}:2", "no embedding for", "vocab_size 2048", "'<zz1>' = 2048", "resize_token_embeddings")),
+    Case("test-file-ids-past-the-embedding",
+         lambda ctx: {"model": _tokens_added(ctx), "test_file": ctx.lines(GOOD, PAST_EMBEDDING, name="test.jsonl")}, 2,
+         ("{test}:2", "no embedding for")),
+    Case("logp-dataset-ids-past-the-embedding",
+         lambda ctx: {"model": _tokens_added(ctx), "logp_callback_datasets": json.dumps(
+             {"probe": str(ctx.lines(GOOD, PAST_EMBEDDING, name="probe.jsonl"))})}, 2, ("{probe}:2", "no embedding for")),
+    Case("sampling-prompt-past-the-embedding", _sampling_prompt_past_embedding, 2, ("{prompts}:2", "no embedding for")),
+    Case("tokenizer-with-unused-added-tokens-trains", lambda ctx: {"model": _tokens_added(ctx)}, 0),
     Case("chat-template-file-missing", lambda ctx: {"chat_template": ctx.tmp / "missing.jinja"}, 2,
          ("FT_CHAT_TEMPLATE=", "missing.jinja does not exist")),
     # --- FT_CONFIG_FILE --------------------------------------------------------------------------------------
