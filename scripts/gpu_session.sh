@@ -14,6 +14,8 @@
 # e2e (bench/e2e.py: the code preset end to end, job vs plain TRL vs OpenWeights-style; needs .owjob/, the
 # openweights 0.14.0 wheel's jobs/unsloth folder) · survey (job variants and the OpenWeights path, 10 steps) ·
 # survey4 (the job on a 4-bit base, padding-free and padded, 10 steps: unpacked 4-bit peaks beside the estimate) ·
+# survey05 (the same code run on the Qwen2-0.5B shape, 10 steps: unsloth padding-free and padded, 4-bit, hf padded
+# and padding-free; the unpacked short-row peaks of the small model, none recorded yet) ·
 # model7 (build the Qwen2-7B shape's folder only) · sweep7 (bench/sweep.py: the 24-line code grid through
 # `python -m app sweep` on one GPU, then standalone runs of 3 of its lines while the 10-minute call lasts) ·
 # sweep7-alone (the 3 standalone runs only, compared with the sweep7 of an earlier call on the same machine) ·
@@ -39,7 +41,7 @@ mkdir -p "$MODELS"
 # installs, when a phase below will use it. model() waits for it.
 BUILD7=
 for phase in "$@"; do
-  case "$phase" in sweep7* | e2e* | survey* | profile | model7 | bench7* | refuse) BUILD7=1 ;; esac
+  case "$phase" in survey05) ;; sweep7* | e2e* | survey* | profile | model7 | bench7* | refuse) BUILD7=1 ;; esac
 done
 if [ -n "$BUILD7" ] && [ ! -f "$MODELS/qwen2-7b-chatml-bfloat16/devmodel.json" ]; then
   PYTHONPATH=$PWD python3 -m app.devmodel --out "$MODELS/qwen2-7b-chatml-bfloat16" --shape qwen2-7b --device cuda \
@@ -245,12 +247,12 @@ phase_ttfs() {  # time to first step across a sweep: the same 0.5B job 3 times, 
   done
 }
 
-phase_e2e() {  # phase_e2e NAME SECONDS E2E-ARGS...: bench/e2e.py on the Qwen2-7B shape (the code preset end to end)
-  local name=$1 limit=$2 t0=$SECONDS
+phase_e2e() {  # phase_e2e NAME SECONDS E2E-ARGS...: bench/e2e.py on the Qwen2-7B shape (E2E_SHAPE=...: another)
+  local name=$1 limit=$2 t0=$SECONDS shape=${E2E_SHAPE:-qwen2-7b}
   shift 2
-  model qwen2-7b >/dev/null  # the folder built in the background: waited for (bench/e2e.py would build it again)
+  [ "$shape" = qwen2-7b ] && model qwen2-7b >/dev/null  # built in the background: waited for (not built twice)
   limit=$((limit - (SECONDS - t0)))
-  timeout $((limit + 30)) python3 -m bench.e2e --out "$OUT/$name" --shape qwen2-7b --models-dir "$MODELS" \
+  timeout $((limit + 30)) python3 -m bench.e2e --out "$OUT/$name" --shape "$shape" --models-dir "$MODELS" \
     --ow-dir .owjob --budget "$limit" "$@" >"$OUT/$name.log" 2>&1
   note "e2e $name: exit $? ($(elapsed) s)"
   [ -f "$OUT/$name/table.md" ] && cat "$OUT/$name/table.md" >>"$SUMMARY"
@@ -308,6 +310,8 @@ for phase in "$@"; do
     refuse) phase_refuse ;;
     survey) phase_e2e survey 300 --paths job,job-padfree,job-ckpt,ow --max-steps 10 ;;
     survey4) phase_e2e survey4 "${E2E_S:-240}" --paths job-4bit,job-4bit-padded --max-steps 10 ;;
+    survey05) E2E_SHAPE=qwen2-0.5b phase_e2e survey05 "${E2E_S:-200}" \
+      --paths job,job-padded,job-4bit,job-hf,job-hf-pf --max-steps 10 ;;
     e2e) phase_e2e e2e 540 --paths job,job-warm,plain,ow --drop-caches ;;
     varlen) TEST_ARGS=(-k "varlen or padding_free or packed_loss"); phase_tests ;;
     varlen-unsloth) TEST_ARGS=(-k "unsloth_padding_free"); phase_tests ;;
