@@ -49,6 +49,13 @@ class StopRequest:
         log.warning("%s received: finishing this optimizer step, then saving a checkpoint (a second signal exits "
                     "at once)", name)
 
+    def parent_gone(self, signum, frame):
+        """A sweep worker's parent-death signal (SIGHUP, app.sweep.follow_parent): a first stop request, never a second
+        (the kernel may send it again, as the orphaned worker is handed from one process to another)."""
+        if not self.requested:
+            log.warning("the sweep's process is gone: this worker checkpoints its line and exits")
+            self.handler(signum, frame)
+
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self.handler)
         signal.signal(signal.SIGINT, self.handler)

@@ -17,12 +17,17 @@ with fresh LoRA weights, its own trainer and its own job folder.
     failure    a line that fails (settings or data: 2, GPU: 3, training: 4, a bug: 1, traceback in the log) is
                recorded with its code and result.json, and the sweep goes on
     SIGTERM    the line in training checkpoints, the sweep stops and exits 75; a second signal exits at once.
-               Rerunning the same command skips what completed and resumes the interrupted line.
+               Rerunning the same command skips what completed and resumes the interrupted line. A sweep's
+               process killed outright (kill -9, the OOM killer) leaves no worker behind: each checkpoints its
+               line and exits (SIGHUP from the kernel, follow_parent).
     exit code  0 every line completed · 75 interrupted · otherwise the first failed line's code (file order)
 
-Several GPUs: one worker process per GPU (CUDA_VISIBLE_DEVICES set for each, `python -m app sweep FILE --worker K`),
-each asking this process for its next line (preferring lines of the base it holds); not data-parallel: short runs
-scale best one per GPU. With one GPU (or none) the lines run in this process.
+On GPUs the lines run in worker processes: one per GPU (CUDA_VISIBLE_DEVICES set for each, `python -m app sweep FILE
+--worker K`), each asking this process for its next line (preferring lines of the base it holds); not data-parallel:
+short runs scale best one per GPU. This process never touches a GPU, so a worker that dies (a segfault, the host's
+OOM killer) or whose GPU a CUDA fault made unusable (a device-side assert fails every later CUDA call of that process)
+costs its line only: the line is recorded failed and a fresh worker takes the remaining ones. On a CPU, the lines
+run in this process (`--workers N`: N worker processes).
 
 The sweep's state is only in the job folders, plus FT_OUTPUT_DIR/sweep.json (every line: job id, status, exit code,
 losses, times; rewritten after each line), sweep.md (the same as a table, printed at the end) and sweep.png (every
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import subprocess
@@ -52,6 +58,8 @@ from app.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNEXPECTED, Interrupted, 
 log = logging.getLogger(__name__)
 
 CHANNEL = "@sweep "  # prefix of a worker's messages on its stdout (anything else there is passed on to stderr)
+EXIT_DEVICE_LOST = 70  # a worker's exit code (EX_SOFTWARE) after a CUDA fault made its GPU unusable: the sweep's
+# process starts a fresh worker for the remaining lines; never the exit code of a sweep or of a line
 # Settings that name a line rather than change its training: labels use them only when nothing else differs.
 NAMING = ("job_id_suffix", "meta", "finetuned_model_id")
 LABEL_CHARS = 40  # a differing value longer than this is shortened in labels and the table
@@ -229,12 +237,14 @@ def run_line(line: Line, shared, stop, worker: int | None = None) -> dict[str, A
         result = record.result("interrupted" if isinstance(err, Interrupted) else "failed", err)
         record.write(result)
         code = err.exit_code
+        shared.device_lost = shared.device_lost or lost_device(err)
     except Exception as err:  # a bug: the traceback in the log, exit 1 for this line, the sweep goes on
         log.exception("line %d: unexpected error", line.index)
         error = {"type": type(err).__name__, "message": str(err), "exit_code": EXIT_UNEXPECTED}
         result = record.result("failed", error)
         record.write(result)
         code = EXIT_UNEXPECTED
+        shared.device_lost = shared.device_lost or lost_device(err)
     finally:
         stop.on_second_signal = None
     entry = _entry(line, result, code, started_at=started, finished_at=now(),
@@ -258,10 +268,31 @@ def serve(lines: list[Line], next_index, report, stop, worker: int | None = None
         while (index := next_index()) is not None:
             entry = run_line(lines[index], shared, stop, worker)
             report(entry)
+            if shared.device_lost:
+                raise DeviceLost(f"line {index} left this process's GPU unusable (a CUDA error; see the log above)")
             if entry["exit_code"] == EXIT_INTERRUPTED or stop.requested:
                 return
     finally:
         shared.drop()
+
+
+class DeviceLost(Exception):
+    """A CUDA fault (a device-side assert, an illegal memory access) made this process's GPU unusable: every later
+    CUDA call fails the same way, so no further line may run in this process."""
+
+
+def lost_device(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from, is an accelerator fault (torch.AcceleratorError: CUDA errors
+    other than out of memory, which frees its memory and leaves the process usable)."""
+    torch = sys.modules.get("torch")
+    kind = getattr(torch, "AcceleratorError", None)
+    seen: set[int] = set()
+    while kind is not None and err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 # --- the summary ------------------------------------------------------------------------------------------------
@@ -389,8 +420,9 @@ def main(path: Path, stop, stdout, workers: int | None = None, worker: int | Non
     """The `sweep` command: run every line (or, with `worker`, serve the lines the sweep's process hands out)."""
     path = Path(path).absolute()
     if worker is not None:
+        follow_parent(stop)
         pin_worker(device)
-        return _worker(read_lines(path), stop, worker, stdout)
+        return _worker(read_lines(path), stop, worker, private_channel(stdout))
     lines = read_lines(path)
     from app.settings import failure_output_dir
 
@@ -410,12 +442,16 @@ def main(path: Path, stop, stdout, workers: int | None = None, worker: int | Non
         for index in [i for i in order if lines[i].settings is None]:
             summary.add(record_invalid(lines[index]))
         pending = [i for i in order if lines[i].settings is not None]
-        if count == 1 and gpus <= 1:  # one worker and at most one GPU: this process (else a worker pinned to one)
+        if count == 1 and not gpus:  # one worker on a CPU: this process
             serve(lines, lambda: pending.pop(0) if pending and not stop.requested else None, summary.add, stop)
-        else:
+        else:  # worker processes, one pinned to each GPU: a crash or a CUDA fault ends one worker, not the sweep
             Dispatcher(path, lines, pending, devices[:count], summary).run()
     except Interrupted as err:  # a signal between lines (or before the first)
         log.warning("%s", err.message)
+    except DeviceLost as err:  # only with an accelerator in this process, which a sweep on GPUs never uses
+        log.error("%s: the remaining lines are not run; run the same command again", err)
+        for index in pending:
+            summary.add(_entry(lines[index], {"status": "failed"}, EXIT_UNEXPECTED, error=str(err)))
     table = summary.finish()
     print(table, file=stdout, flush=True)
     code = summary.exit_code()
@@ -474,10 +510,13 @@ class Dispatcher:
 
     def _read(self, k: int, proc: subprocess.Popen) -> None:
         for text in proc.stdout:
-            if text.startswith(CHANNEL):
-                self.events.put((k, json.loads(text[len(CHANNEL):])))
-            else:
+            before, found, message = text.partition(CHANNEL)  # a message after text printed without a newline too
+            if not found:
                 sys.stderr.write(text)
+                continue
+            if before.strip():
+                sys.stderr.write(before + "\n")
+            self.events.put((k, json.loads(message)))
         self.events.put((k, None))
 
     def _forward(self, signum, _frame) -> None:
@@ -543,14 +582,47 @@ class Dispatcher:
             line = self.lines[index]
             self.summary.add(_entry(line, {"status": status}, code, worker=k,
                                     error=f"the worker process exited {code} during this line (see the log)"))
+        elif code == EXIT_DEVICE_LOST:
+            log.error("worker %d: a CUDA fault made its GPU unusable (see its log above)", k)
         elif code not in (EXIT_OK, EXIT_INTERRUPTED):
             log.error("worker %d exited %d", k, code)
-        if self.pending and not self.signals and index is not None:
+        # A fresh process after a line that ended its worker: at most one per line, so never a loop.
+        if self.pending and not self.signals and (index is not None or code == EXIT_DEVICE_LOST):
             log.info("worker %d: starting a new process for the remaining lines", k)
             self._start(k)
         for other in list(self.waiting):  # nothing more may come from k: let the others take its lines
             self.waiting.discard(other)
             self._assign(other)
+
+
+def follow_parent(stop) -> None:
+    """A worker ends with the sweep's process: when that process dies without forwarding a signal (kill -9, the OOM
+    killer), Linux sends the worker SIGHUP (prctl PR_SET_PDEATHSIG; a worker has no terminal to hang up), which asks
+    its line to checkpoint, as a first SIGTERM does; it then exits 75 instead of training on, alone and unseen, on a
+    GPU the next run needs."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    signal.signal(signal.SIGHUP, stop.parent_gone)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGHUP)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError) as err:
+        log.warning("a worker that outlives the sweep's process will not be stopped (%s)", err)
+
+
+def private_channel(stream):
+    """A worker's channel to the sweep's process (its stdout pipe) on a descriptor of its own; descriptor 1, where C
+    code, compilers and the processes libraries start print, then goes to stderr: nothing but the channel's messages
+    (whole lines) reaches the pipe. Python's own prints already go to stderr (app.cli.main)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stream  # not a descriptor (a test's StringIO)
+    stream.flush()
+    channel = os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8")
+    os.dup2(sys.__stderr__.fileno(), fd)
+    return channel
 
 
 def _worker(lines: list[Line], stop, k: int, channel) -> int:
@@ -561,8 +633,13 @@ def _worker(lines: list[Line], stop, k: int, channel) -> int:
         handler.setFormatter(RedactingFormatter(f"%(asctime)s %(levelname)-7s [worker {k}] %(message)s", "%H:%M:%S"))
 
     def say(message: dict[str, Any]) -> None:
-        channel.write(CHANNEL + json.dumps(message, default=str) + "\n")
-        channel.flush()
+        from app.result import redact
+
+        try:
+            channel.write(CHANNEL + redact(json.dumps(message, default=str)) + "\n")
+            channel.flush()
+        except (BrokenPipeError, OSError):  # the sweep's process is gone: the next read ends this worker
+            log.warning("the sweep's process is gone: %s", "this line's result.json has its outcome")
 
     def next_index() -> int | None:
         say({"ready": True})
@@ -577,4 +654,7 @@ def _worker(lines: list[Line], stop, k: int, channel) -> int:
     except Interrupted as err:
         log.warning("%s", err.message)
         return EXIT_INTERRUPTED
+    except DeviceLost as err:
+        log.error("%s: this worker stops; a fresh process takes the remaining lines", err)
+        return EXIT_DEVICE_LOST
     return EXIT_INTERRUPTED if stop.requested else EXIT_OK

@@ -20,7 +20,8 @@
 # `python -m app sweep` on one GPU, then standalone runs of 3 of its lines while the 10-minute call lasts) ·
 # sweep7-alone (the 3 standalone runs only, compared with the sweep7 of an earlier call on the same machine) ·
 # varlen (padding-free attention, app/attention.py: the kernel against per-row SDPA, padded vs padding-free loss
-# under hf and unsloth, packed vs unpacked under unsloth; varlen-unsloth: unsloth's test alone) · e2e-pf (the job padding-free, its default with the
+# under hf and unsloth, packed vs unpacked under unsloth; varlen-unsloth: unsloth's test alone) · sweep-gpu (a 2-line
+# sweep on one GPU through its worker process against standalone twins: tests/test_gpu.py, about 2 min) · e2e-pf (the job padding-free, its default with the
 # varlen kernel, then padded) · e2e-hf (e2e with the
 # hf backend's row first, page cache warm: job-hf, job, ow, plain within E2E_S seconds) · e2e3 (job, plain, ow,
 # page cache dropped unless E2E_DROP=0, within E2E_S seconds) · profile (bench/profile.py: the grid's first lines phase by phase,
@@ -315,6 +316,7 @@ for phase in "$@"; do
     e2e) phase_e2e e2e 540 --paths job,job-warm,plain,ow --drop-caches ;;
     varlen) TEST_ARGS=(-k "varlen or padding_free or packed_loss"); phase_tests ;;
     varlen-unsloth) TEST_ARGS=(-k "unsloth_padding_free"); phase_tests ;;
+    sweep-gpu) TEST_ARGS=(-k "sweep_on_one_gpu"); phase_tests ;;
     profile) phase_profile ;;
     e2e3) phase_e2e e2e "${E2E_S:-$((${DEADLINE:-600} - $(elapsed) - 15))}" --paths "${E2E_PATHS:-job,plain,ow}" \
       $([ "${E2E_DROP:-1}" = 1 ] && echo --drop-caches) ;;

@@ -323,3 +323,37 @@ def test_sigterm_then_rerun_under_unsloth_continues_the_uninterrupted_run(small_
     size = torch.cat([ref[k].float().flatten() for k in b]).norm()
     print(f"unsloth resume: checkpoint-{step}, lora_B relative difference {float(diff / size):.2e}")
     assert diff <= 0.02 * size
+
+
+def test_a_sweep_on_one_gpu_trains_in_a_worker_what_standalone_runs_train(small_model, tmp_path):
+    """`python -m app sweep` on one GPU: the lines run in one worker process pinned to it, on one base model; each
+    line's adapter equals its standalone `python -m app train` twin's within the GPU's run-to-run noise."""
+    from safetensors.torch import load_file
+
+    lines = [{"seed": 1, "job_id_suffix": "s1"}, {"seed": 2, "r": 4, "lora_alpha": 8, "job_id_suffix": "s2"}]
+    grid = tmp_path / "grid.jsonl"
+    grid.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = smoke_env(small_model, tmp_path / "sweep", max_steps=6)
+    proc = _cli(env, "sweep", str(grid))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker 0: pid" in proc.stderr and "Traceback" not in proc.stderr
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert summary["counts"] == {"completed": 2} and summary["base_loads"] == 1 and summary["workers"] == 1
+    for index, entry in enumerate(summary["lines"]):
+        alone = _cli({**smoke_env(small_model, tmp_path / "alone", max_steps=6), "FT_CONFIG_FILE": str(grid),
+                      "FT_CONFIG_INDEX": str(index)}, "train")
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        job = entry["job_id"]
+        want = read_result(tmp_path / "alone" / job)  # the same job id: the same job
+        got = read_result(tmp_path / "sweep" / job)
+        assert got["backend"] == want["backend"] == "unsloth"
+        assert got["outputs"]["train_loss"] == pytest.approx(want["outputs"]["train_loss"], rel=2e-3)
+        a = load_file(tmp_path / "sweep" / job / "adapter" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "alone" / job / "adapter" / "adapter_model.safetensors")
+        keys = [k for k in b if "lora_B" in k]
+        assert keys and a.keys() == b.keys()
+        diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in keys]).norm()
+        size = torch.cat([b[k].float().flatten() for k in keys]).norm()
+        print(f"sweep line {index} vs standalone: loss {got['outputs']['train_loss']:.6f} vs "
+              f"{want['outputs']['train_loss']:.6f}, lora_B relative difference {float(diff / size):.2e}")
+        assert diff <= 0.02 * size

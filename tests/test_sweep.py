@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -47,7 +48,7 @@ def write_grid(path: Path, lines: list[dict]) -> Path:
 
 def child_env(settings: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
-    return {**env, **settings, "PYTHONPATH": str(ROOT)}
+    return {**env, "PYTHONPATH": str(ROOT), **settings}
 
 
 def app(args: list[str], settings: dict[str, str], log: Path, **kwargs) -> subprocess.Popen:
@@ -214,6 +215,104 @@ def test_one_worker_per_gpu_as_ft_num_gpus_and_cuda_visible_devices_say(tmp_path
     assert worker_plan(read_lines(tmp_path / "g.jsonl"), None) == (2, ["2", "5"], 2)
     monkeypatch.setattr(app.hardware, "detect_hardware", lambda num_gpus=None: Hardware(cuda=False))
     assert worker_plan(lines, None) == (1, [None], 0) and worker_plan(lines, 2) == (2, [None, None], 0)
+
+
+def test_on_gpus_every_line_runs_in_a_worker_process_and_on_a_cpu_in_this_one(tmp_path, monkeypatch):
+    """The sweep's own process never touches a GPU: a crash or a CUDA fault can then end a worker, never the sweep."""
+    import io
+
+    import app.sweep as sweep
+    from app.signals import StopRequest
+
+    monkeypatch.setenv("FT_MODEL", "org/a")
+    monkeypatch.setenv("FT_TRAINING_FILE", str(SAMPLE / "train.jsonl"))
+    monkeypatch.setenv("FT_OUTPUT_DIR", str(tmp_path / "out"))
+    grid = write_grid(tmp_path / "g.jsonl", [{"seed": 1}, {"seed": 2}])
+    ran = []
+    monkeypatch.setattr(sweep.Dispatcher, "run", lambda self: ran.append(("workers", self.devices)))
+    monkeypatch.setattr(sweep, "serve", lambda *args, **kwargs: ran.append(("here", None)))
+    monkeypatch.setattr(sweep, "worker_plan", lambda lines, requested: (1, ["3"], 1))  # one GPU
+    sweep.main(grid, StopRequest(), io.StringIO())
+    monkeypatch.setattr(sweep, "worker_plan", lambda lines, requested: (1, [None], 0))  # no GPU
+    sweep.main(grid, StopRequest(), io.StringIO())
+    monkeypatch.setattr(sweep, "worker_plan", lambda lines, requested: (2, [None, None], 0))  # --workers 2, no GPU
+    sweep.main(grid, StopRequest(), io.StringIO())
+    assert ran == [("workers", ["3"]), ("here", None), ("workers", [None, None])]
+
+
+def test_a_cuda_fault_is_told_apart_from_out_of_memory_and_ends_the_process_after_its_line(monkeypatch):
+    from app.sweep import DeviceLost, lost_device, serve
+
+    fault = torch.AcceleratorError("CUDA error: device-side assert triggered")
+    assert lost_device(fault)
+    try:
+        try:
+            raise fault
+        except RuntimeError:
+            raise ValueError("wrapped by a library") from None  # __context__ still names it
+    except ValueError as wrapped:
+        assert lost_device(wrapped)
+    assert not lost_device(torch.OutOfMemoryError("CUDA out of memory"))  # frees its memory: the process goes on
+    assert not lost_device(RuntimeError("CUDA error: device-side assert triggered"))  # only torch's own type
+
+    import app.sweep
+
+    trained, reported = [], []
+
+    def run_line(line, shared, stop, worker=None):
+        trained.append(line)
+        shared.device_lost = line == 1
+        return {"index": line, "exit_code": 1 if line == 1 else 0}
+
+    monkeypatch.setattr(app.sweep, "run_line", run_line)
+    pending = [0, 1, 2]
+    with pytest.raises(DeviceLost):
+        serve([0, 1, 2], lambda: pending.pop(0) if pending else None, reported.append, type("S", (), {"requested": False})())
+    assert trained == [0, 1] and [e["index"] for e in reported] == [0, 1] and pending == [2]
+
+
+CUDA_FAULT = """
+import os
+suffix = os.environ.get("SWEEP_TEST_CUDA_FAULT")
+if suffix:  # test_a_worker_whose_gpu_a_cuda_fault_broke_is_replaced: this line's training raises what a device-side assert does
+    import torch
+    import app.pipeline
+    real = app.pipeline.train
+    def train(session, stop, record):  # the model loaded, LoRA added: where a kernel would fault
+        os.write(1, b"C code printing to descriptor 1 without a newline")  # must not break the worker's channel
+        if session.settings.job_id_suffix == suffix:
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+        return real(session, stop, record)
+    app.pipeline.train = train
+"""
+
+
+@pytest.mark.integration
+def test_a_worker_whose_gpu_a_cuda_fault_broke_is_replaced_and_the_sweep_goes_on(tiny_model, tmp_path):
+    """A CUDA fault leaves a process's GPU unusable (every later CUDA call fails): the line is recorded failed (exit 1),
+    its worker exits, and a fresh worker process takes the remaining lines. CPU processes here, the fault injected
+    (sitecustomize) where it would surface: in the line's run."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(CUDA_FAULT)
+    grid = write_grid(tmp_path / "grid.jsonl", [{"seed": 1, "job_id_suffix": "f0"}, {"seed": 2, "job_id_suffix": "f1"},
+                                                {"seed": 3, "job_id_suffix": "f2"}, {"seed": 4, "job_id_suffix": "f3"}])
+    out = tmp_path / "out"
+    env = {**grid_env(tiny_model, out), "FT_MAX_STEPS": "1", "SWEEP_TEST_CUDA_FAULT": "f0",
+           "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
+    log = tmp_path / "sweep.log"
+    proc = app(["sweep", str(grid), "--workers", "2"], env, log)
+    proc.wait(timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    summary = sweep_json(out)
+    status = {e["job_id"][-2:]: (e["status"], e["exit_code"]) for e in summary["lines"]}
+    assert status == {"f0": ("failed", 1), "f1": ("completed", 0), "f2": ("completed", 0), "f3": ("completed", 0)}
+    assert "a CUDA fault made its GPU unusable" in text and "starting a new process for the remaining lines" in text
+    assert text.count("C code printing to descriptor 1 without a newline") == 4  # passed on to the log, every line
+    assert text.count("worker 0: pid") + text.count("worker 1: pid") == 3, "one fresh worker after the fault"
+    failed = read_result(_job(out, "f0"))
+    assert failed["status"] == "failed" and "device-side assert" in failed["error"]["message"]
 
 
 # --- the shared base: everything a run changed is undone, and a changed base is loaded again ----------------------
@@ -529,6 +628,50 @@ def test_two_workers_share_the_lines_each_once_and_resume_after_sigterm(tiny_mod
         assert f"from checkpoint-{step} (step {step})" in text
         assert _train_steps(_job(out, suffix)) == list(range(1, 13))
     assert sweep_json(out)["counts"] == {"skipped": 2, "completed": 2}
+
+
+@pytest.mark.integration
+def test_workers_checkpoint_and_exit_when_the_sweep_process_is_killed(tiny_model, tmp_path):
+    """kill -9 of the sweep's process (or the OOM killer) forwards no signal: the kernel then sends each worker SIGTERM
+    (PR_SET_PDEATHSIG), so their lines checkpoint and they exit instead of training on unseen; a rerun resumes."""
+    long = {"max_steps": 12, "save_steps": 100}
+    grid = write_grid(tmp_path / "grid.jsonl", [{"seed": 7, "job_id_suffix": "k0", **long},
+                                                {"seed": 8, "job_id_suffix": "k1", **long}])
+    out = tmp_path / "out"
+    env = {k: v for k, v in grid_env(tiny_model, out).items() if k != "FT_MAX_STEPS"}
+    log = tmp_path / "sweep.log"
+    proc = app(["sweep", str(grid), "--workers", "2"], env, log)
+    both_at_2 = lambda: all((job := _job(out, s)) is not None and len(_train_steps(job)) >= 2  # noqa: E731
+                            for s in ("k0", "k1"))
+    _wait(proc, log, both_at_2, "step 2 of both lines")
+    pids = [int(pid) for pid in re.findall(r"worker \d: pid (\d+)", log.read_text())]
+    assert len(pids) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"a worker outlived the sweep's process:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    steps = {}
+    for suffix in ("k0", "k1"):
+        result = read_result(_job(out, suffix))
+        steps[suffix] = result["outputs"]["global_step"]
+        assert result["status"] == "interrupted" and 2 <= steps[suffix] < 12, log.read_text()[-3000:]
+        assert (_job(out, suffix) / "checkpoints" / f"checkpoint-{steps[suffix]}").is_dir()
+
+    log = tmp_path / "resumed.log"
+    proc = app(["sweep", str(grid), "--workers", "2"], env, log)
+    assert finished(proc, log) == 0, log.read_text()[-3000:]
+    for suffix, step in steps.items():
+        assert f"from checkpoint-{step} (step {step})" in log.read_text()
+        assert _train_steps(_job(out, suffix)) == list(range(1, 13))
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
+    except (OSError, IndexError):
+        return "zombie"  # gone
 
 
 def test_the_example_grid_reads_as_one_base_model_and_labels_prompt_and_seed():

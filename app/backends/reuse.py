@@ -183,8 +183,11 @@ def free_memory() -> None:
 
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        except torch.AcceleratorError as err:  # a CUDA fault made the GPU unusable: the sweep ends this process
+            log.warning("GPU memory not given back (%s)", str(err).splitlines()[0])
 
 
 def freeze_heap() -> None:
@@ -214,6 +217,7 @@ class SharedBase:
         self.snapshot: BaseSnapshot | None = None
         self.loads = 0  # bases loaded so far (a sweep of one base model: 1)
         self.tokenized: dict[str, Any] = {}  # app.dataset.rows_key -> TrainingData, the most recent last
+        self.device_lost = False  # a line's CUDA fault made this process's GPU unusable (app.sweep.serve stops)
 
     def rows(self, key: str, tokenize):
         """The tokenized rows of an earlier line with the same `key` (app.dataset.rows_key), else `tokenize()`'s.
