@@ -92,6 +92,8 @@ def setup(settings, record: Recorder | None = None, base: Any = None) -> Session
     prepared = prepare(settings, record, base)
     job, lock = open_job(settings.output_dir, prepared.job_id, lock=is_main())
     record.job_root = job.root
+    if base is not None:
+        base.opened(prepared.job_id)
     session = Session(prepared, job, lock)
     session.completed = previous_completed(job, settings.overwrite, record.job_id)
     if session.completed is not None:

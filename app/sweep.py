@@ -258,14 +258,16 @@ def run_line(line: Line, shared, stop, worker: int | None = None) -> dict[str, A
     return entry
 
 
-def serve(lines: list[Line], next_index, report, stop, worker: int | None = None) -> None:
+def serve(lines: list[Line], next_index, report, stop, worker: int | None = None, opened=None) -> None:
     """Train lines one after another in this process, on one shared base, until `next_index()` returns None
-    or a line is interrupted. Used in the sweep's own process (one worker) and in each worker process."""
+    or a line is interrupted. Used in the sweep's own process (one worker) and in each worker process.
+    `opened(index, job_id)`: called once a line's job folder is locked."""
     from app.backends.reuse import SharedBase
 
     shared = SharedBase()
     try:
         while (index := next_index()) is not None:
+            shared.on_job = (lambda job_id, i=index: opened(i, job_id)) if opened else None
             entry = run_line(lines[index], shared, stop, worker)
             report(entry)
             if shared.device_lost:
@@ -475,6 +477,7 @@ class Dispatcher:
         self.current: dict[int, int | None] = {}  # worker -> the line it trains
         self.last_base: dict[int, Any] = {}  # worker -> the base of its last line
         self.waiting: set[int] = set()  # workers that asked while only twins of running lines were left
+        self.job_ids: dict[int, str] = {}  # line -> its job id, once its worker has locked the job folder
         self.signals = 0
 
     def run(self) -> None:
@@ -537,6 +540,8 @@ class Dispatcher:
     def _handle(self, k: int, message: dict[str, Any] | None) -> None:
         if message is None:
             return self._ended(k)
+        if "job" in message:
+            self.job_ids[message["job"]] = message["job_id"]
         if "done" in message:
             self.summary.add(message["entry"])
             self.current[k] = None
@@ -570,18 +575,40 @@ class Dispatcher:
                 return choice[0]
         return None
 
+    def _lost_line(self, index: int, status: str, code: int, k: int, how: str) -> dict[str, Any]:
+        """The entry of a line whose worker died with it, and, after a crash, its job's result.json (which the worker
+        could not write; after a second signal the worker wrote it); a rerun resumes the line from its newest
+        checkpoint."""
+        from app.errors import JobError
+        from app.result import Recorder
+
+        line, job_id = self.lines[index], self.job_ids.get(index)
+        error = JobError(f"the sweep's worker process {how} while training this line (a crash, the host's OOM "
+                         "killer, or a second signal; see the log). Run the sweep again: this line resumes from its "
+                         "newest checkpoint.")
+        error.exit_code = code
+        result = {"status": status, "id": job_id}
+        if job_id is not None and code != EXIT_INTERRUPTED:
+            record = Recorder(settings=line.settings, ignored=line.ignored, job_id=job_id,
+                              job_root=line.settings.output_dir / job_id)
+            result = record.result(status, error)
+            record.write(result)
+        entry = _entry(line, result, code, worker=k, error=error.message)
+        if job_id is not None:
+            entry["result_json"] = str(line.settings.output_dir / job_id / "result.json")
+        return entry
+
     def _ended(self, k: int) -> None:
         proc = self.procs.pop(k)
         code = proc.wait()
         self.waiting.discard(k)
         index = self.current.pop(k, None)
         if index is not None:  # it died with a line in hand (a crash, or a second signal)
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
             code = code if code > 0 else EXIT_UNEXPECTED
             status = "interrupted" if code == EXIT_INTERRUPTED else "failed"
-            log.error("worker %d exited %d while training line %d", k, code, index)
-            line = self.lines[index]
-            self.summary.add(_entry(line, {"status": status}, code, worker=k,
-                                    error=f"the worker process exited {code} during this line (see the log)"))
+            log.error("worker %d %s while training line %d", k, how, index)
+            self.summary.add(self._lost_line(index, status, code, k, how))
         elif code == EXIT_DEVICE_LOST:
             log.error("worker %d: a CUDA fault made its GPU unusable (see its log above)", k)
         elif code not in (EXIT_OK, EXIT_INTERRUPTED):
@@ -650,7 +677,7 @@ def _worker(lines: list[Line], stop, k: int, channel) -> int:
         say({"done": entry["index"], "entry": entry})
 
     try:
-        serve(lines, next_index, report, stop, worker=k)
+        serve(lines, next_index, report, stop, worker=k, opened=lambda i, job_id: say({"job": i, "job_id": job_id}))
     except Interrupted as err:
         log.warning("%s", err.message)
         return EXIT_INTERRUPTED

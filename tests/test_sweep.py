@@ -282,23 +282,25 @@ if suffix:  # test_a_worker_whose_gpu_a_cuda_fault_broke_is_replaced: this line'
         os.write(1, b"C code printing to descriptor 1 without a newline")  # must not break the worker's channel
         if session.settings.job_id_suffix == suffix:
             raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+        if session.settings.job_id_suffix == os.environ.get("SWEEP_TEST_CRASH"):
+            os.kill(os.getpid(), 9)  # a segfault, the host's OOM killer: the process is gone without a word
         return real(session, stop, record)
     app.pipeline.train = train
 """
 
 
 @pytest.mark.integration
-def test_a_worker_whose_gpu_a_cuda_fault_broke_is_replaced_and_the_sweep_goes_on(tiny_model, tmp_path):
+def test_a_worker_whose_gpu_a_cuda_fault_broke_or_that_crashed_is_replaced_and_the_sweep_goes_on(tiny_model, tmp_path):
     """A CUDA fault leaves a process's GPU unusable (every later CUDA call fails): the line is recorded failed (exit 1),
-    its worker exits, and a fresh worker process takes the remaining lines. CPU processes here, the fault injected
-    (sitecustomize) where it would surface: in the line's run."""
+    its worker exits, and a fresh worker process takes the remaining lines. A worker killed outright (a segfault, the
+    OOM killer) costs its line the same way. CPU processes here, the faults injected (sitecustomize) where they
+    would happen: in the line's training."""
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(CUDA_FAULT)
-    grid = write_grid(tmp_path / "grid.jsonl", [{"seed": 1, "job_id_suffix": "f0"}, {"seed": 2, "job_id_suffix": "f1"},
-                                                {"seed": 3, "job_id_suffix": "f2"}, {"seed": 4, "job_id_suffix": "f3"}])
+    grid = write_grid(tmp_path / "grid.jsonl", [{"seed": i + 1, "job_id_suffix": f"f{i}"} for i in range(5)])
     out = tmp_path / "out"
-    env = {**grid_env(tiny_model, out), "FT_MAX_STEPS": "1", "SWEEP_TEST_CUDA_FAULT": "f0",
+    env = {**grid_env(tiny_model, out), "FT_MAX_STEPS": "1", "SWEEP_TEST_CUDA_FAULT": "f0", "SWEEP_TEST_CRASH": "f2",
            "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
     log = tmp_path / "sweep.log"
     proc = app(["sweep", str(grid), "--workers", "2"], env, log)
@@ -307,10 +309,15 @@ def test_a_worker_whose_gpu_a_cuda_fault_broke_is_replaced_and_the_sweep_goes_on
     assert proc.returncode == 1, text[-3000:]
     summary = sweep_json(out)
     status = {e["job_id"][-2:]: (e["status"], e["exit_code"]) for e in summary["lines"]}
-    assert status == {"f0": ("failed", 1), "f1": ("completed", 0), "f2": ("completed", 0), "f3": ("completed", 0)}
+    assert status == {"f0": ("failed", 1), "f1": ("completed", 0), "f2": ("failed", 1), "f3": ("completed", 0),
+                      "f4": ("completed", 0)}
     assert "a CUDA fault made its GPU unusable" in text and "starting a new process for the remaining lines" in text
-    assert text.count("C code printing to descriptor 1 without a newline") == 4  # passed on to the log, every line
-    assert text.count("worker 0: pid") + text.count("worker 1: pid") == 3, "one fresh worker after the fault"
+    assert re.search(r"worker \d was killed by SIGKILL while training line 2", text)
+    crashed = read_result(_job(out, "f2"))  # written by the sweep's process: the worker could not
+    assert crashed["status"] == "failed" and "was killed by SIGKILL" in crashed["error"]["message"]
+    assert crashed["error"]["exit_code"] == 1 and crashed["params"]["validated_params"]["seed"] == 3
+    assert text.count("C code printing to descriptor 1 without a newline") == 5  # passed on to the log, every line
+    assert text.count("worker 0: pid") + text.count("worker 1: pid") >= 3, "a fresh worker after a lost one"
     failed = read_result(_job(out, "f0"))
     assert failed["status"] == "failed" and "device-side assert" in failed["error"]["message"]
 

@@ -218,6 +218,12 @@ class SharedBase:
         self.loads = 0  # bases loaded so far (a sweep of one base model: 1)
         self.tokenized: dict[str, Any] = {}  # app.dataset.rows_key -> TrainingData, the most recent last
         self.device_lost = False  # a line's CUDA fault made this process's GPU unusable (app.sweep.serve stops)
+        self.on_job = None  # called with the job id once a line's job folder is locked (a worker tells the sweep)
+
+    def opened(self, job_id: str) -> None:
+        """pipeline.setup: this line's job folder is locked (a worker that dies later still names its job)."""
+        if self.on_job is not None:
+            self.on_job(job_id)
 
     def rows(self, key: str, tokenize):
         """The tokenized rows of an earlier line with the same `key` (app.dataset.rows_key), else `tokenize()`'s.
