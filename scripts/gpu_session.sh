@@ -65,7 +65,8 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache TRITON_CACHE_DIR=/tmp/triton_cache
+export UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache TRITON_CACHE_DIR=/tmp/triton_cache \
+  TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor_cache
 TEST_ARGS=()
 [ -n "${TESTS_K:-}" ] && TEST_ARGS=(-k "$TESTS_K")
 
@@ -203,6 +204,8 @@ phase_sweep() {  # phase_sweep NAME SHAPE SECONDS BENCH-ARGS...: the sweep row (
   local budget=$((limit - (SECONDS - t0)))
   # DEADLINE: seconds from the session's start by which the sweep must have ended, its 30 s of grace included
   [ -n "${DEADLINE:-}" ] && [ $((DEADLINE - $(elapsed) - 30)) -lt "$budget" ] && budget=$((DEADLINE - $(elapsed) - 30))
+  note "sweep $name: compile caches at its start: Triton $(du -sh "$TRITON_CACHE_DIR" 2>/dev/null | cut -f1) \
+$(find "$TRITON_CACHE_DIR" -name '*.json' 2>/dev/null | wc -l) files, Inductor $(du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | cut -f1)"
   # /tmp/$name stays on the machine: sweep7-alone compares its standalone runs with this sweep's adapters.
   timeout $((budget + 30)) python3 -m bench.sweep --out "/tmp/$name" --shape "$shape" --models-dir "$MODELS" \
     --budget "$budget" "$@" >"$OUT/$name.log" 2>&1
@@ -263,6 +266,14 @@ for r in json.load(open(sys.argv[1]))["rows"]:
     print(r["path"], "startup", r.get("startup_s"), "mb", r.get("micro_batch"), "adjust", r.get("adjustments"),
           "err", (r.get("error") or "")[-600:])
 EOF
+  # E2E_KEEP_CACHES=1: the `job` row's Triton/Inductor caches become the session's (as the image's /cache volume keeps
+  # them from one run to the next), for the phases after this one; the sweeps note the state they start with.
+  if [ "${E2E_KEEP_CACHES:-0}" = 1 ] && [ -d "$OUT/$name/caches/job/triton" ]; then
+    mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
+    cp -a "$OUT/$name/caches/job/triton/." "$TRITON_CACHE_DIR/"
+    cp -a "$OUT/$name/caches/job/inductor/." "$TORCHINDUCTOR_CACHE_DIR/" 2>/dev/null
+    note "e2e $name: the job row's compile caches kept for the next phases"
+  fi
   # The runs' compile caches and adapters stay behind: with them the archive passed 16 MiB and did not come back.
   tar -czf "$OUT/$name.tgz" --exclude="$name/caches" --exclude="*.safetensors" -C "$OUT" "$name" "$name.log" \
     2>/dev/null && rm -rf "${OUT:?}/$name" "$OUT/$name.log"
