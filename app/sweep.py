@@ -283,14 +283,22 @@ class DeviceLost(Exception):
     CUDA call fails the same way, so no further line may run in this process."""
 
 
+TRITON_CUDA_ERROR = "Triton Error [CUDA]: "  # how Triton's launcher (unsloth's kernels) raises a CUDA error
+
+
 def lost_device(err: BaseException) -> bool:
-    """Whether `err`, or an error it was raised from, is an accelerator fault (torch.AcceleratorError: CUDA errors
-    other than out of memory, which frees its memory and leaves the process usable)."""
+    """Whether `err`, or an error it was raised from, is a CUDA error other than out of memory (which frees its memory
+    and leaves the process usable): torch's AcceleratorError, or Triton's RuntimeError("Triton Error [CUDA]: ...").
+    The sticky ones (an illegal address, a device-side assert) fail every later CUDA call of the process; for the
+    others a fresh process costs a restart, never a wrong result."""
     torch = sys.modules.get("torch")
     kind = getattr(torch, "AcceleratorError", None)
     seen: set[int] = set()
-    while kind is not None and err is not None and id(err) not in seen:
-        if isinstance(err, kind):
+    while err is not None and id(err) not in seen:
+        text = str(err)
+        if kind is not None and isinstance(err, kind):
+            return True
+        if isinstance(err, RuntimeError) and text.startswith(TRITON_CUDA_ERROR) and "out of memory" not in text:
             return True
         seen.add(id(err))
         err = err.__cause__ or err.__context__

@@ -253,7 +253,9 @@ def test_a_cuda_fault_is_told_apart_from_out_of_memory_and_ends_the_process_afte
     except ValueError as wrapped:
         assert lost_device(wrapped)
     assert not lost_device(torch.OutOfMemoryError("CUDA out of memory"))  # frees its memory: the process goes on
-    assert not lost_device(RuntimeError("CUDA error: device-side assert triggered"))  # only torch's own type
+    assert not lost_device(RuntimeError("CUDA error: device-side assert triggered"))  # torch raises its own type
+    assert lost_device(RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))  # unsloth's kernels
+    assert not lost_device(RuntimeError("Triton Error [CUDA]: out of memory"))
 
     import app.sweep
 
