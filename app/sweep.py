@@ -612,7 +612,7 @@ class Dispatcher:
         self.waiting.discard(k)
         index = self.current.pop(k, None)
         if index is not None:  # it died with a line in hand (a crash, or a second signal)
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
+            how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited {code}"
             code = code if code > 0 else EXIT_UNEXPECTED
             status = "interrupted" if code == EXIT_INTERRUPTED else "failed"
             log.error("worker %d %s while training line %d", k, how, index)
@@ -628,6 +628,13 @@ class Dispatcher:
         for other in list(self.waiting):  # nothing more may come from k: let the others take its lines
             self.waiting.discard(other)
             self._assign(other)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def follow_parent(stop) -> None:
@@ -673,8 +680,8 @@ def _worker(lines: list[Line], stop, k: int, channel) -> int:
         try:
             channel.write(CHANNEL + redact(json.dumps(message, default=str)) + "\n")
             channel.flush()
-        except (BrokenPipeError, OSError):  # the sweep's process is gone: the next read ends this worker
-            log.warning("the sweep's process is gone: %s", "this line's result.json has its outcome")
+        except OSError:  # a broken pipe: the sweep's process is gone, and the next read ends this worker
+            log.warning("the sweep's process is gone: the job folders (result.json) have every outcome")
 
     def next_index() -> int | None:
         say({"ready": True})
