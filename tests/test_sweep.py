@@ -286,6 +286,8 @@ if suffix:  # test_a_worker_whose_gpu_a_cuda_fault_broke_is_replaced: this line'
             raise torch.AcceleratorError("CUDA error: device-side assert triggered")
         if session.settings.job_id_suffix == os.environ.get("SWEEP_TEST_CRASH"):
             os.kill(os.getpid(), 9)  # a segfault, the host's OOM killer: the process is gone without a word
+        if session.settings.job_id_suffix == os.environ.get("SWEEP_TEST_OOM"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # the process stays usable
         return real(session, stop, record)
     app.pipeline.train = train
 """
@@ -300,10 +302,10 @@ def test_a_worker_whose_gpu_a_cuda_fault_broke_or_that_crashed_is_replaced_and_t
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(CUDA_FAULT)
-    grid = write_grid(tmp_path / "grid.jsonl", [{"seed": i + 1, "job_id_suffix": f"f{i}"} for i in range(5)])
+    grid = write_grid(tmp_path / "grid.jsonl", [{"seed": i + 1, "job_id_suffix": f"f{i}"} for i in range(6)])
     out = tmp_path / "out"
     env = {**grid_env(tiny_model, out), "FT_MAX_STEPS": "1", "SWEEP_TEST_CUDA_FAULT": "f0", "SWEEP_TEST_CRASH": "f2",
-           "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
+           "SWEEP_TEST_OOM": "f5", "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
     log = tmp_path / "sweep.log"
     proc = app(["sweep", str(grid), "--workers", "2"], env, log)
     proc.wait(timeout=600)
@@ -312,13 +314,14 @@ def test_a_worker_whose_gpu_a_cuda_fault_broke_or_that_crashed_is_replaced_and_t
     summary = sweep_json(out)
     status = {e["job_id"][-2:]: (e["status"], e["exit_code"]) for e in summary["lines"]}
     assert status == {"f0": ("failed", 1), "f1": ("completed", 0), "f2": ("failed", 1), "f3": ("completed", 0),
-                      "f4": ("completed", 0)}
-    assert "a CUDA fault made its GPU unusable" in text and "starting a new process for the remaining lines" in text
+                      "f4": ("completed", 0), "f5": ("failed", 1)}
+    assert text.count("a CUDA fault made its GPU unusable") == 1, "out of memory (f5) keeps its worker"
+    assert "starting a new process for the remaining lines" in text
     assert re.search(r"worker \d was killed by SIGKILL while training line 2", text)
     crashed = read_result(_job(out, "f2"))  # written by the sweep's process: the worker could not
     assert crashed["status"] == "failed" and "was killed by SIGKILL" in crashed["error"]["message"]
     assert crashed["error"]["exit_code"] == 1 and crashed["params"]["validated_params"]["seed"] == 3
-    assert text.count("C code printing to descriptor 1 without a newline") == 5  # passed on to the log, every line
+    assert text.count("C code printing to descriptor 1 without a newline") == 6  # passed on to the log, every line
     assert text.count("worker 0: pid") + text.count("worker 1: pid") >= 3, "a fresh worker after a lost one"
     failed = read_result(_job(out, "f0"))
     assert failed["status"] == "failed" and "device-side assert" in failed["error"]["message"]
