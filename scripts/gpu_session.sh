@@ -19,6 +19,8 @@
 # model7 (build the Qwen2-7B shape's folder only) · sweep7 (bench/sweep.py: the 24-line code grid through
 # `python -m app sweep` on one GPU, then standalone runs of 3 of its lines while the 10-minute call lasts) ·
 # sweep7-alone (the 3 standalone runs only, compared with the sweep7 of an earlier call on the same machine) ·
+# sweep7-bg (the 24-line grid in a session of its own, waited for until DEADLINE; it runs on after the call) ·
+# sweep7-wait (the next call, within 30 s of the last: waits for it, then its table) ·
 # varlen (padding-free attention, app/attention.py: the kernel against per-row SDPA, padded vs padding-free loss
 # under hf and unsloth, packed vs unpacked under unsloth; varlen-unsloth: unsloth's test alone) · sweep-gpu (a 2-line
 # sweep on one GPU through its worker process against standalone twins: tests/test_gpu.py, about 2 min) · e2e-pf (the job padding-free, its default with the
@@ -42,7 +44,7 @@ mkdir -p "$MODELS"
 # installs, when a phase below will use it. model() waits for it.
 BUILD7=
 for phase in "$@"; do
-  case "$phase" in survey05) ;; sweep7* | e2e* | survey* | profile | model7 | bench7* | refuse) BUILD7=1 ;; esac
+  case "$phase" in survey05 | sweep7-wait) ;; sweep7* | e2e* | survey* | profile | model7 | bench7* | refuse) BUILD7=1 ;; esac
 done
 if [ -n "$BUILD7" ] && [ ! -f "$MODELS/qwen2-7b-chatml-bfloat16/devmodel.json" ]; then
   PYTHONPATH=$PWD python3 -m app.devmodel --out "$MODELS/qwen2-7b-chatml-bfloat16" --shape qwen2-7b --device cuda \
@@ -217,6 +219,40 @@ $(find "$TRITON_CACHE_DIR" -name '*.json' 2>/dev/null | wc -l) files, Inductor $
     "$name"/*/ftjob-*/result.json "$name"/*/ftjob-*/metrics.jsonl 2>/dev/null) 2>/dev/null
 }
 
+# A grid longer than one call (the 24-line code grid needs about 600 s on an H100, a call at most 600): started in a
+# session of its own (setsid), which the lent machine lets run on after the call returns while it stays warm (a
+# next call within its 30 s of idle keeps it), then waited for by the next call. The sweep's own wall time is
+# sweep.json's, whichever call it ends in.
+phase_sweep_bg() {  # phase_sweep_bg NAME SHAPE BENCH-ARGS...: start the sweep row in the background, then wait
+  local name=$1 shape=$2
+  shift 2
+  model "$shape" >/dev/null
+  rm -rf "/tmp/$name" "/tmp/$name.done"
+  note "sweep $name (background): compile caches at its start: Triton $(du -sh "$TRITON_CACHE_DIR" 2>/dev/null | cut -f1) \
+$(find "$TRITON_CACHE_DIR" -name '*.json' 2>/dev/null | wc -l) files, Inductor $(du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | cut -f1)"
+  setsid bash -c 'timeout 1700 python3 -m bench.sweep --out "$0" --shape "$1" --models-dir "$2" --budget 1600 \
+    "${@:4}" >"$3" 2>&1; echo $? >"$0.done"' "/tmp/$name" "$shape" "$MODELS" "/tmp/$name.log" "$@" </dev/null &
+  note "sweep $name: started in the background at $(elapsed) s"
+  phase_sweep_wait "$name"
+}
+
+phase_sweep_wait() {  # phase_sweep_wait NAME: wait for a background sweep until DEADLINE; its table, or how far it is
+  local name=$1 until=$((${DEADLINE:-590} - 10))
+  while [ ! -f "/tmp/$name.done" ] && [ "$(elapsed)" -lt "$until" ]; do sleep 2; done
+  cp "/tmp/$name.log" "$OUT/$name.log" 2>/dev/null
+  if [ ! -f "/tmp/$name.done" ]; then
+    note "sweep $name: still running at $(elapsed) s: $(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+print(d['counts'], 'wall_s', d['wall_s'])" "/tmp/$name/sweep/sweep.json" 2>/dev/null). Next call, at once: \
+scripts/gpu_session.sh $name-wait"
+    return
+  fi
+  note "sweep $name: exit $(cat "/tmp/$name.done") ($(elapsed) s)"
+  [ -f "/tmp/$name/table.md" ] && cat "/tmp/$name/table.md" >>"$SUMMARY"
+  cp "/tmp/$name/sweep-bench.json" "$OUT/$name.json" 2>/dev/null
+  tar -czf "$OUT/$name.tgz" -C /tmp "$name/grid.jsonl" "$name/logs" $(cd /tmp && ls -d "$name"/sweep/sweep.* \
+    "$name"/*/ftjob-*/result.json "$name"/*/ftjob-*/metrics.jsonl 2>/dev/null) 2>/dev/null
+}
+
 phase_profile() {  # bench/profile.py: the first PROFILE_LINES lines of the code grid, phase by phase; line 1 profiled
   local m
   m=$(model qwen2-7b)
@@ -319,6 +355,8 @@ for phase in "$@"; do
     sweep7) phase_sweep sweep7 qwen2-7b "${SWEEP_S:-570}" --prompts 6 --seeds 4 --standalone "${SWEEP_ALONE:-3}" \
       ${SWEEP_SET:+--set "$SWEEP_SET"} ;;
     sweep7-alone) phase_sweep sweep7 qwen2-7b 570 --prompts 6 --seeds 4 --standalone 3 --skip-sweep ;;
+    sweep7-bg) phase_sweep_bg sweep7 qwen2-7b --prompts 6 --seeds 4 --standalone 0 ${SWEEP_SET:+--set "$SWEEP_SET"} ;;
+    sweep7-wait) phase_sweep_wait sweep7 ;;
     refuse) phase_refuse ;;
     survey) phase_e2e survey 300 --paths job,job-padfree,job-ckpt,ow --max-steps 10 ;;
     survey4) phase_e2e survey4 "${E2E_S:-240}" --paths job-4bit,job-4bit-padded --max-steps 10 ;;
