@@ -231,7 +231,8 @@ phase_sweep_bg() {  # phase_sweep_bg NAME SHAPE BENCH-ARGS...: start the sweep r
   note "sweep $name (background): compile caches at its start: Triton $(du -sh "$TRITON_CACHE_DIR" 2>/dev/null | cut -f1) \
 $(find "$TRITON_CACHE_DIR" -name '*.json' 2>/dev/null | wc -l) files, Inductor $(du -sh "$TORCHINDUCTOR_CACHE_DIR" 2>/dev/null | cut -f1)"
   setsid bash -c 'timeout 1700 python3 -m bench.sweep --out "$0" --shape "$1" --models-dir "$2" --budget 1600 \
-    "${@:4}" >"$3" 2>&1; echo $? >"$0.done"' "/tmp/$name" "$shape" "$MODELS" "/tmp/$name.log" "$@" </dev/null &
+    "${@:4}" >"$3" 2>&1; echo $? >"$0.done"' "/tmp/$name" "$shape" "$MODELS" "/tmp/$name.log" "$@" </dev/null \
+    >/dev/null 2>&1 &  # not the call's stdout: a pipe held open by it kept the first call (2026-12-08) to its limit
   note "sweep $name: started in the background at $(elapsed) s"
   phase_sweep_wait "$name"
 }
